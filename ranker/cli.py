@@ -1,0 +1,108 @@
+"""ranker command line: synth | train | evaluate | serve | compare.
+
+User errors print one line ("ranker: error: ...") and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from ranker.errors import RankerError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        raise RankerError(f"{self.prog}: {message}")
+
+
+def _cmd_synth(a: argparse.Namespace) -> None:
+    from ranker.training.synth import write_synthetic
+
+    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet)
+    print(f"wrote {a.rows:,} rows of synthetic logs and their config to {path}")
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from ranker.config import load_config
+    from ranker.training.trainer import Trainer, format_metrics
+
+    cfg = load_config(a.config)
+    result = Trainer(cfg, progress=False if a.quiet else None).run(a.out)
+    if a.json:
+        print(json.dumps({"bundle": str(result.bundle), "version": result.version, **result.metrics}, indent=2))
+        return
+    m = result.metrics
+    print(f"best epoch {m['best_epoch']}; training throughput {m['throughput']['train_rows_per_second']:,.0f} rows/s")
+    for split in ("val", "test"):
+        if m[split]:
+            print(f"{split}:")
+            print("\n".join(format_metrics(m[split])))
+    print(f"bundle: {result.bundle.resolve()} (version {result.version})")
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from ranker.bundle import load_bundle
+    from ranker.features import Featurizer
+    from ranker.training.data import Loader, ParquetSource, label_columns
+    from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
+
+    b = load_bundle(a.bundle)
+    cols = b.featurizer.columns + label_columns(b.config.tasks)
+    src = ParquetSource(a.data, "--data", cols)
+    assert src.schema is not None
+    kinds = Featurizer.check_schema(b.config.features, src.schema, str(src.files[0]))
+    for name, kind in kinds.items():
+        if kind != b.featurizer.kinds[name]:
+            raise RankerError(f"{src.files[0]}: feature {name!r} holds {kind} values but the model was trained on {b.featurizer.kinds[name]}")
+    res = evaluate(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
+    if a.json:
+        print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics}, indent=2))
+    else:
+        print(f"{a.data} on bundle {b.version}:")
+        print("\n".join(format_metrics(res.metrics)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ranker", description="Multi-task recommendation ranking: train, evaluate, serve.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("synth", help="write synthetic impression logs and a matching config.yaml")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--rows", type=int, default=200_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task-correlation", type=float, default=0.5, help="cosine between task weight vectors")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_synth)
+
+    t = sub.add_parser("train", help="train a multi-task model and write a bundle")
+    t.add_argument("--config", required=True, help="YAML config")
+    t.add_argument("--out", required=True, help="bundle folder to write")
+    t.add_argument("--json", action="store_true", help="print metrics as JSON")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="per-task metrics of a bundle on labelled Parquet")
+    e.add_argument("--bundle", required=True)
+    e.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except RankerError as e:
+        print(f"ranker: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

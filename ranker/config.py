@@ -1,0 +1,197 @@
+"""Typed configuration: one YAML file, validated by pydantic where it enters.
+
+Every model forbids unknown keys, so a typo such as ``epoch:`` is an error naming the key
+rather than a silently ignored setting. Imports nothing else of ranker's but ``errors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ranker.errors import RankerError
+
+ARCHITECTURE_NAMES = ("shared_bottom", "mmoe", "ple")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class DataConfig(_Strict):
+    train: str  # a file, a directory of *.parquet, or a glob
+    val: str
+    test: str | None = None
+
+
+class FeatureSpec(_Strict):
+    name: str = Field(min_length=1)
+    # categorical: one int64 or string value; multi_hot: list<int64|string>; dense: a number
+    type: Literal["categorical", "multi_hot", "dense"]
+    column: str | None = None  # the Parquet column; defaults to ``name``
+    buckets: PositiveInt | None = None  # hash buckets (categorical, multi_hot); +1 for "missing"
+    dim: PositiveInt | None = None  # embedding width (categorical, multi_hot)
+    # dense only: log1p compresses heavy tails (counts, money) before standardisation
+    transform: Literal["none", "log1p"] = "none"
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> FeatureSpec:
+        if self.type in ("categorical", "multi_hot"):
+            if self.buckets is None or self.dim is None:
+                raise ValueError(f"feature {self.name!r}: type {self.type} needs 'buckets' and 'dim'")
+            if self.transform != "none":
+                raise ValueError(f"feature {self.name!r}: 'transform' applies to dense features only")
+        elif self.buckets is not None or self.dim is not None:
+            raise ValueError(f"feature {self.name!r}: dense features take no 'buckets' or 'dim'")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    type: Literal["binary", "regression"]
+    label: str = Field(min_length=1)
+    # rows where this label column is not 1 add nothing to the task's loss or metrics
+    mask: str | None = None
+    # regression only: the model learns MSE on transform(label); scores come back in label units
+    transform: Literal["none", "log1p"] = "none"
+    weight: float = Field(default=1.0, ge=0.0)  # used by the ``static`` weighting
+
+    @model_validator(mode="after")
+    def _check_transform(self) -> TaskSpec:
+        if self.type == "binary" and self.transform != "none":
+            raise ValueError(f"task {self.name!r}: 'transform' applies to regression tasks only")
+        return self
+
+
+class ModelConfig(_Strict):
+    architecture: str = "mmoe"
+    experts: PositiveInt = 8  # mmoe: experts in the pool
+    expert_dims: list[PositiveInt] = Field(default_factory=lambda: [128, 64])
+    tower_dims: list[PositiveInt] = Field(default_factory=lambda: [32])
+    # ple: experts shared by all tasks and owned by each task, per CGC level
+    shared_experts: PositiveInt = 2
+    specific_experts: PositiveInt = 2
+    levels: PositiveInt = 1
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: str) -> str:
+        if v not in ARCHITECTURE_NAMES:
+            raise ValueError(f"unknown architecture {v!r}; valid: {', '.join(ARCHITECTURE_NAMES)}")
+        return v
+
+    @field_validator("expert_dims")
+    @classmethod
+    def _non_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one layer width")
+        return v
+
+
+class TrainConfig(_Strict):
+    batch_size: PositiveInt = 1024
+    epochs: PositiveInt = 5
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    weighting: str = "uncertainty"  # checked against the registry in training.weighting
+    seed: int = 0
+    # early stopping: "mean" = mean of each task's primary metric (AUC, or R^2 for regression),
+    # or "TASK.METRIC" such as "ctr.auc" / "watch.rmse"; orientation is known per metric
+    monitor: str = "mean"
+    patience: PositiveInt = 2
+    shuffle_buffer: PositiveInt = 200_000  # rows held for shuffling; bounds memory
+    threads: int | None = Field(default=None, gt=0)  # torch intra-op threads; None = all cores
+    progress: bool = True
+
+
+class RankerConfig(_Strict):
+    data: DataConfig
+    features: list[FeatureSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RankerConfig:
+        for kind, names in (
+            ("feature", [f.name for f in self.features]),
+            ("task", [t.name for t in self.tasks]),
+        ):
+            seen: set[str] = set()
+            for n in names:
+                if n in seen:
+                    raise ValueError(f"duplicate {kind} name {n!r}")
+                seen.add(n)
+        labels = {t.label for t in self.tasks} | {t.mask for t in self.tasks if t.mask}
+        for f in self.features:
+            if f.source in labels:
+                raise ValueError(f"feature {f.name!r} reads label column {f.source!r}: a label cannot be an input")
+        return self
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _location(loc: tuple[str | int, ...], raw: object) -> str:
+    """Render a pydantic error location as a YAML-ish key path, naming list items by name."""
+    parts: list[str] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and item < len(node):
+            node = node[item]
+            name = node.get("name") if isinstance(node, dict) else None
+            parts[-1] = f"{parts[-1]}[{name if name else item}]" if parts else str(item)
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def parse_config(raw: object, source: str = "config") -> RankerConfig:
+    """Validate a parsed YAML/JSON mapping; errors name ``source`` and the key at fault."""
+    if not isinstance(raw, dict):
+        raise RankerError(f"{source}: expected a mapping at the top level")
+    try:
+        return RankerConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = _location(tuple(err["loc"]), raw)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise RankerError(f"{source}: {where}: {msg}") from None
+
+
+def load_config(path: str | Path) -> RankerConfig:
+    """Read and validate a YAML config. Relative data paths resolve against the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise RankerError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RankerError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = parse_config(raw, str(p))
+    base = p.resolve().parent
+
+    def _abs(s: str | None) -> str | None:
+        if s is None or Path(s).is_absolute():
+            return s
+        return str(base / s)
+
+    data = cfg.data.model_copy(update={k: _abs(getattr(cfg.data, k)) for k in ("train", "val", "test")})
+    return cfg.model_copy(update={"data": data})

@@ -1,0 +1,280 @@
+"""The one featurizer: Arrow columns in, model tensors out, for training and serving alike.
+
+Categorical values are hashed with a stable hash (splitmix64 for integers, BLAKE2b for
+strings), so a value lands in the same bucket in every process, on every machine, in training
+and in serving. int64 ids are hashed from their exact bits, never through float. Bucket 0 is
+"missing" (null); values go to buckets 1..B. Dense features are standardised with statistics
+from one streaming pass over the training data; null, NaN and inf become 0 after
+standardisation, i.e. the training mean.
+
+A featurized batch is a dict of row-aligned tensors so it can be shuffled and sliced by row:
+    "cat"        (B, n_categorical) int64    bucket per categorical feature
+    "dense"      (B, n_dense)       float32  standardised dense features
+    "bag:<name>" (B, L)             int64    multi-hot buckets, padded with ``buckets + 1``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ranker.config import FeatureSpec
+from ranker.errors import RankerError
+
+ValueKind = Literal["int", "str"]
+Batch = dict[str, torch.Tensor]
+
+MISSING = 0
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_M3 = np.uint64(0x94D049BB133111EB)
+
+
+def hash_int64(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser over the raw 64 bits of each value. (N,) int64 -> (N,) uint64."""
+    z = values.astype(np.int64, copy=False).view(np.uint64) + _M1
+    z = (z ^ (z >> np.uint64(30))) * _M2
+    z = (z ^ (z >> np.uint64(27))) * _M3
+    return z ^ (z >> np.uint64(31))
+
+
+def hash_str(value: str) -> int:
+    """64-bit BLAKE2b of the UTF-8 bytes: stable across processes (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def bucketize(hashes: np.ndarray, buckets: int) -> np.ndarray:
+    """uint64 hashes -> int64 buckets in 1..buckets (0 stays free for missing)."""
+    return (hashes % np.uint64(buckets)).astype(np.int64) + 1
+
+
+def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) -> np.ndarray:
+    """Hash a flat Arrow array of ints or strings into buckets; nulls -> MISSING. Vectorised:
+    integers are hashed in numpy, strings once per distinct value in the batch."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if kind == "int":
+        vals = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        out = bucketize(hash_int64(vals), buckets)
+    else:
+        enc = pc.dictionary_encode(arr)
+        uniq = enc.dictionary.to_pylist()
+        table = bucketize(np.array([hash_str(s) for s in uniq], dtype=np.uint64), buckets)
+        idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)
+        out = table[idx] if len(uniq) else np.zeros(n, dtype=np.int64)
+    if arr.null_count:
+        out[np.asarray(arr.is_null())] = MISSING
+    return out
+
+
+def value_kind(t: pa.DataType) -> ValueKind | None:
+    """The hashing kind of an Arrow scalar type, or None if it cannot be a categorical value."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        return "int"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    return None
+
+
+def _dense_values(arr: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
+    """Arrow numeric -> float64 with NaN for null/NaN/inf, after the feature's transform."""
+    x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+    x = np.where(np.isfinite(x), x, np.nan) if x.dtype == np.float64 else x.astype(np.float64)
+    if transform == "log1p":
+        x = np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)
+    return x
+
+
+@dataclass
+class RunningMoments:
+    """Count, mean and M2 merged batch by batch (Chan et al.), stable for long streams."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        x = x[~np.isnan(x)]
+        n = int(x.size)
+        if n == 0:
+            return
+        mean_b = float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2_b + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        var = self.m2 / self.count if self.count else 0.0
+        return math.sqrt(var) if var > 1e-12 else 1.0  # constant column: scale 1, centred at 0
+
+
+@dataclass
+class Featurizer:
+    """Turns Arrow record batches into the model's tensors.
+
+    Args:
+        features: the configured features, in config order.
+        kinds: per categorical/multi-hot feature, "int" or "str" as seen in the training data.
+        dense_stats: per dense feature, (mean, std) after its transform.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from ranker.config import FeatureSpec
+        >>> f = Featurizer([FeatureSpec(name="u", type="categorical", buckets=10, dim=4)], {"u": "int"}, {})
+        >>> f.transform(pa.table({"u": [1, None]}))["cat"][:, 0].tolist()[1]
+        0
+    """
+
+    features: list[FeatureSpec]
+    kinds: dict[str, ValueKind] = field(default_factory=dict)
+    dense_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def categorical(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.type == "categorical"]
+
+    @property
+    def multi_hot(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.type == "multi_hot"]
+
+    @property
+    def dense(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.type == "dense"]
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.source for f in self.features]
+
+    # ----- fitting -------------------------------------------------------------------------
+    @staticmethod
+    def check_schema(features: Sequence[FeatureSpec], schema: pa.Schema, where: str) -> dict[str, ValueKind]:
+        """Check every feature column exists with a usable type; return the hashing kinds."""
+        kinds: dict[str, ValueKind] = {}
+        for f in features:
+            idx = schema.get_field_index(f.source)
+            if idx < 0:
+                raise RankerError(f"{where}: missing column {f.source!r} (feature {f.name!r})")
+            t = schema.field(idx).type
+            if f.type == "dense":
+                if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+                    raise RankerError(f"{where}: column {f.source!r} has type {t}; dense feature {f.name!r} needs a number")
+                continue
+            if f.type == "multi_hot":
+                if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+                    raise RankerError(f"{where}: column {f.source!r} has type {t}; multi_hot feature {f.name!r} needs list<int|string>")
+                t = t.value_type
+            kind = value_kind(t)
+            if kind is None:
+                raise RankerError(f"{where}: column {f.source!r} has type {t}; {f.type} feature {f.name!r} needs int or string values")
+            kinds[f.name] = kind
+        return kinds
+
+    @classmethod
+    def fit(cls, features: list[FeatureSpec], schema: pa.Schema, batches: Iterable[pa.RecordBatch], where: str) -> Featurizer:
+        """One streaming pass over training batches: value kinds from the schema, dense moments."""
+        kinds = cls.check_schema(features, schema, where)
+        moments = {f.name: RunningMoments() for f in features if f.type == "dense"}
+        dense = [f for f in features if f.type == "dense"]
+        for rb in batches:
+            for f in dense:
+                moments[f.name].update(_dense_values(rb.column(f.source), f.transform))
+        stats = {name: (m.mean, m.std) for name, m in moments.items()}
+        return cls(list(features), kinds, stats)
+
+    # ----- state ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        """JSON-able state stored in the bundle's manifest."""
+        return {"kinds": dict(self.kinds), "dense_stats": {k: list(v) for k, v in self.dense_stats.items()}}
+
+    @classmethod
+    def from_state(cls, features: list[FeatureSpec], state: dict) -> Featurizer:
+        return cls(list(features), dict(state["kinds"]), {k: (float(v[0]), float(v[1])) for k, v in state["dense_stats"].items()})
+
+    # ----- transform -----------------------------------------------------------------------
+    def transform(self, data: pa.Table | pa.RecordBatch) -> Batch:
+        """Featurize every row of ``data`` column-wise; columns absent from ``data`` count as
+        all-missing (serving may omit features; training checks the schema beforehand)."""
+        n = data.num_rows
+        out: Batch = {}
+        names = set(data.schema.names)
+
+        cats = self.categorical
+        cat = np.zeros((n, len(cats)), dtype=np.int64)
+        for j, f in enumerate(cats):
+            if f.source in names:
+                cat[:, j] = _hash_array(data.column(f.source), self.kinds[f.name], f.buckets)  # type: ignore[arg-type]
+        out["cat"] = torch.from_numpy(cat)
+
+        dense = self.dense
+        den = np.zeros((n, len(dense)), dtype=np.float32)
+        for j, f in enumerate(dense):
+            if f.source in names:
+                mean, std = self.dense_stats[f.name]
+                x = (_dense_values(data.column(f.source), f.transform) - mean) / std
+                den[:, j] = np.nan_to_num(x, nan=0.0)
+        out["dense"] = torch.from_numpy(den)
+
+        for f in self.multi_hot:
+            out[f"bag:{f.name}"] = self._bag(data.column(f.source) if f.source in names else None, f, n)
+        return out
+
+    def _bag(self, col: pa.Array | pa.ChunkedArray | None, f: FeatureSpec, n: int) -> torch.Tensor:
+        """list<...> -> (n, L) buckets padded with ``buckets + 1``; a null or empty list is one
+        MISSING entry so the model still sees "this row has no tags"."""
+        pad = f.buckets + 1  # type: ignore[operator]
+        if col is None:
+            return torch.zeros((n, 1), dtype=torch.int64)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = _hash_array(pc.list_flatten(col), self.kinds[f.name], f.buckets)  # type: ignore[arg-type]
+        width = max(int(lengths.max(initial=0)), 1)
+        bag = np.full((n, width), pad, dtype=np.int64)
+        bag[lengths == 0, 0] = MISSING
+        rows = np.repeat(np.arange(n), lengths)
+        starts = np.cumsum(lengths) - lengths
+        pos = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+        bag[rows, pos] = values
+        return torch.from_numpy(bag)
+
+    def missing_counts(self, data: pa.Table | pa.RecordBatch) -> dict[str, int]:
+        """Nulls (or absent columns) per feature, for serving's missing-feature counter."""
+        names = set(data.schema.names)
+        return {f.name: (data.column(f.source).null_count if f.source in names else data.num_rows) for f in self.features}
+
+
+def concat_batches(batches: Sequence[Batch], pads: dict[str, int]) -> Batch:
+    """Concatenate featurized batches by row; multi-hot bags are right-padded to a common width.
+
+    ``pads`` maps each ``bag:<name>`` key to its padding bucket.
+    """
+    out: Batch = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if key in pads:
+            width = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pads[key]) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def bag_pads(features: Iterable[FeatureSpec]) -> dict[str, int]:
+    """The padding bucket of each multi-hot key."""
+    return {f"bag:{f.name}": f.buckets + 1 for f in features if f.type == "multi_hot"}  # type: ignore[operator]

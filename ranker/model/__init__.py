@@ -1,0 +1,5 @@
+"""The multi-task model: encoder -> trunk -> one head per task. No I/O, optimizers or losses."""
+
+from ranker.model.ranker import MultiTaskRanker
+
+__all__ = ["MultiTaskRanker"]

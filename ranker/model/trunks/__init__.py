@@ -1,0 +1,35 @@
+"""Trunks: shared computation between the encoder and the task towers.
+
+Every trunk takes ``(x, tasks)`` with x (B, in) and returns ``{task: (B, out_dim)}`` for the
+requested tasks only, computing only the gates (and task-owned experts) those tasks need.
+Gate weights of the last call are kept in ``last_gates`` ({task: (B, E)}) for diagnostics.
+A new trunk is one file plus one entry in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ranker.config import ModelConfig
+from ranker.errors import RankerError
+from ranker.model.trunks.mmoe import MMoE
+from ranker.model.trunks.ple import PLE
+from ranker.model.trunks.shared_bottom import SharedBottom
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "shared_bottom": SharedBottom,
+    "mmoe": MMoE,
+    "ple": PLE,
+}
+
+
+def build_trunk(cfg: ModelConfig, in_dim: int, tasks: Sequence[str]) -> nn.Module:
+    try:
+        cls = ARCHITECTURES[cfg.architecture]
+    except KeyError:
+        raise RankerError(
+            f"model.architecture: unknown architecture {cfg.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
+        ) from None
+    return cls(cfg, in_dim, list(tasks))

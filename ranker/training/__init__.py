@@ -1,0 +1,1 @@
+"""Offline training: data streaming, weighting, metrics, the trainer and synthetic logs."""

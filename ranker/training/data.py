@@ -1,0 +1,217 @@
+"""Streaming Parquet input: files, labels, a bounded shuffle buffer and background featurizing.
+
+Nothing here holds the whole data set: files are read record batch by record batch with column
+projection, featurized in a background thread, and shuffled inside a buffer of at most
+``shuffle_buffer`` rows (plus one chunk). File and row-group order are shuffled per epoch too.
+"""
+
+from __future__ import annotations
+
+import glob
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from ranker.config import TaskSpec
+from ranker.errors import RankerError
+from ranker.features import Batch, Featurizer, bag_pads, concat_batches
+
+CHUNK_ROWS = 65_536  # rows per record batch read from Parquet
+
+
+def resolve_files(spec: str, key: str) -> list[Path]:
+    """A file, a directory (its *.parquet files) or a glob -> sorted Parquet files."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
+    if not files:
+        raise RankerError(f"{key}: no Parquet files found at {spec}")
+    return files
+
+
+def label_columns(tasks: Sequence[TaskSpec]) -> list[str]:
+    cols: list[str] = []
+    for t in tasks:
+        for c in (t.label, t.mask):
+            if c and c not in cols:
+                cols.append(c)
+    return cols
+
+
+class ParquetSource:
+    """A set of Parquet files read as one stream of record batches.
+
+    Args:
+        spec: file, directory or glob.
+        key: where ``spec`` came from (e.g. ``data.train``), for error messages.
+        required: columns every file must have.
+    """
+
+    def __init__(self, spec: str, key: str, required: Sequence[str]) -> None:
+        self.key = key
+        self.files = resolve_files(spec, key)
+        self.num_rows = 0
+        self.schema: pa.Schema | None = None
+        for f in self.files:
+            try:
+                meta = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise RankerError(f"{f}: not a readable Parquet file ({e})") from None
+            schema = meta.schema_arrow
+            for c in required:
+                if schema.get_field_index(c) < 0:
+                    raise RankerError(f"{f}: missing column {c!r}")
+            self.schema = self.schema or schema
+            self.num_rows += meta.metadata.num_rows
+        if self.num_rows == 0:
+            raise RankerError(f"{key}: {spec} holds no rows")
+
+    def batches(self, columns: Sequence[str], rng: np.random.Generator | None = None) -> Iterator[tuple[Path, pa.RecordBatch]]:
+        """Yield (file, record batch) with only ``columns``; shuffled file/row-group order if rng."""
+        order = list(self.files)
+        if rng is not None:
+            order = [order[i] for i in rng.permutation(len(order))]
+        for f in order:
+            pf = pq.ParquetFile(f)
+            groups = list(range(pf.num_row_groups))
+            if rng is not None:
+                groups = [groups[i] for i in rng.permutation(len(groups))]
+            for rb in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups, columns=list(columns)):
+                if rb.num_rows:
+                    yield f, rb
+
+
+def _numeric(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
+    t = col.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+        raise RankerError(f"{where}: label column {name!r} has type {t}; labels must be numeric")
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) -> Batch:
+    """``label:<task>`` (B,) float32 per task, NaN where the row adds nothing to that task:
+    its label is null/NaN, or its mask column is not 1. Binary labels must be 0 or 1."""
+    out: Batch = {}
+    for t in tasks:
+        y = _numeric(rb.column(t.label), where, t.label)
+        if t.type == "binary":
+            bad = np.isfinite(y) & (y != 0) & (y != 1)
+            if bad.any():
+                raise RankerError(f"{where}: column {t.label!r} has value {y[bad][0]:g}; binary task {t.name!r} needs 0 or 1")
+        y = np.where(np.isfinite(y), y, np.nan)
+        if t.mask:
+            m = _numeric(rb.column(t.mask), where, t.mask)
+            y = np.where(m == 1, y, np.nan)
+        out[f"label:{t.name}"] = torch.from_numpy(y.astype(np.float32))
+    return out
+
+
+def _take(batch: Batch, idx: torch.Tensor | slice) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+class Loader:
+    """Featurized, labelled mini-batches from a ParquetSource.
+
+    Args:
+        source: the files.
+        featurizer: the fitted featurizer.
+        tasks: tasks whose labels to attach.
+        batch_size: rows per mini-batch.
+        shuffle_buffer: rows held for shuffling (training); 0 keeps file order (evaluation).
+        labels: attach labels (False for scoring unlabelled data).
+    """
+
+    def __init__(
+        self,
+        source: ParquetSource,
+        featurizer: Featurizer,
+        tasks: Sequence[TaskSpec],
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        labels: bool = True,
+    ) -> None:
+        self.source, self.featurizer, self.tasks = source, featurizer, list(tasks)
+        self.batch_size, self.shuffle_buffer, self.labels = batch_size, shuffle_buffer, labels
+        cols = featurizer.columns + (label_columns(tasks) if labels else [])
+        self.columns = list(dict.fromkeys(cols))
+        self.pads = bag_pads(featurizer.features)
+
+    def _chunks(self, rng: np.random.Generator | None) -> Iterator[Batch]:
+        for f, rb in self.source.batches(self.columns, rng):
+            chunk = self.featurizer.transform(rb)
+            if self.labels:
+                chunk.update(extract_labels(rb, self.tasks, str(f)))
+            yield chunk
+
+    def _prefetched(self, rng: np.random.Generator | None, depth: int = 2) -> Iterator[Batch]:
+        """Run ``_chunks`` in a background thread (Arrow and numpy release the GIL)."""
+        q: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for c in self._chunks(rng):
+                    if stop.is_set():
+                        return
+                    q.put(c)
+                q.put(done)
+            except BaseException as e:  # re-raised in the consumer
+                q.put(e)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while th.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    th.join(0.01)
+
+    def __call__(self, seed: int | None = None) -> Iterator[Batch]:
+        """One pass. With ``seed`` (and a shuffle buffer) rows come in a seeded random order."""
+        shuffle = seed is not None and self.shuffle_buffer > 0
+        rng = np.random.default_rng(seed) if shuffle else None
+        gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
+        buf: list[Batch] = []
+        rows = 0
+        for chunk in self._prefetched(rng):
+            buf.append(chunk)
+            rows += len(chunk["cat"])
+            if rows < (self.shuffle_buffer if shuffle else self.batch_size):
+                continue
+            merged = concat_batches(buf, self.pads) if len(buf) > 1 else buf[0]
+            if shuffle:
+                merged = _take(merged, torch.randperm(rows, generator=gen))
+            full = rows - rows % self.batch_size
+            for i in range(0, full, self.batch_size):
+                yield _take(merged, slice(i, i + self.batch_size))
+            buf = [_take(merged, slice(full, rows))] if full < rows else []
+            rows -= full
+        if rows:
+            merged = concat_batches(buf, self.pads) if len(buf) > 1 else buf[0]
+            if shuffle:
+                merged = _take(merged, torch.randperm(rows, generator=gen))
+            for i in range(0, rows, self.batch_size):
+                yield _take(merged, slice(i, i + self.batch_size))
