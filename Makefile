@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  make demo  (install + main job)  ·  make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEMO   ?= runs/demo
+ROWS   ?= 200000
+PORT   ?= 8000
+
+.PHONY: setup demo train test lint bench-census clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# synthetic logs -> train -> per-task metrics and the bundle's path
+train: setup
+	$(BIN)/ranker synth --out $(DEMO)/logs --rows $(ROWS)
+	$(BIN)/ranker train --config $(DEMO)/logs/config.yaml --out $(DEMO)/bundle
+
+demo: train
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check ranker tests bench
+
+bench-census: setup
+	$(BIN)/python bench/census.py
+
+clean:
+	rm -rf $(DEMO) bench/out

@@ -1,0 +1,365 @@
+"""Helpers for tests that use the real Prometheus tools and the deploy/ files.
+
+- ``require_tool`` finds ``promtool`` / ``prometheus``: missing under CI (env ``CI`` set) is a
+  test failure, missing on a developer machine a loud skip.
+- ``dashboard_queries`` pulls every PromQL expression out of the Grafana dashboard with the
+  Grafana variables filled in, ready to send to a Prometheus.
+- ``start_prometheus`` runs a real ``prometheus`` on a free loopback port that scrapes one
+  target every second and evaluates deploy/prometheus/rules every second; ``query`` and
+  ``wait_for_data`` ask it questions over HTTP.
+
+Example (a test with a server on 127.0.0.1:8000; `from tests.promhelpers import ...`)::
+
+    with start_prometheus("127.0.0.1:8000", tmp_path) as prom:
+        wait_for_data(prom.url, 'up{job="ranker"} == 1')
+        for q in dashboard_queries(task="ctr"):
+            assert query(prom.url, q.expr), q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+RULES_DIR = PROMETHEUS_DIR / "rules"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ranker.json"
+
+# The metric contract of the server's /metrics: dashboards and rules may use only these.
+CONTRACT_COUNTERS = (
+    "ranker_requests_total",
+    "ranker_task_requests_total",
+    "ranker_task_items_total",
+    "ranker_task_score_bin_total",
+    "ranker_feature_missing_total",
+    "ranker_invalid_requests_total",
+)
+CONTRACT_HISTOGRAMS = (
+    "ranker_request_duration_seconds",
+    "ranker_encoder_duration_seconds",
+    "ranker_task_head_duration_seconds",
+    "ranker_task_score",
+)
+CONTRACT_GAUGES = (
+    "ranker_task_score_reference",
+    "ranker_task_drift_psi",
+    "ranker_model_info",
+    "ranker_ready",
+)
+# every series name a query may select: histograms as their _bucket/_sum/_count series
+CONTRACT_SERIES = frozenset(
+    [*CONTRACT_COUNTERS, *CONTRACT_GAUGES]
+    + [f"{h}{suffix}" for h in CONTRACT_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")]
+)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_dependency(what: str, install: str) -> None:
+    """Fail under CI, skip loudly elsewhere: CI must never pass by skipping the check."""
+    msg = f"{what} is not available; install it with: {install}"
+    if _ci():
+        pytest.fail(f"{msg} (CI is set: CI must install it, see .ci/run)", pytrace=False)
+    # a skip reason is hidden by `pytest -q`; a warning shows in the summary
+    warnings.warn(f"SKIPPED deploy check: {msg}", stacklevel=2)
+    pytest.skip(f"!!! {msg} !!!")
+
+
+def require_tool(name: str) -> str:
+    """The path of a Prometheus binary (``promtool``, ``prometheus``) on PATH."""
+    path = shutil.which(name)
+    if path is None:
+        missing_dependency(f"`{name}`", "apt-get install -y prometheus")
+    return str(path)
+
+
+# ---------------------------------------------------------------- PromQL text
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_KEYWORDS = frozenset(
+    "and or unless bool offset by without on ignoring group_left group_right inf nan".split()
+)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (a lexer, not a parser: promtool checks syntax)."""
+    s = _STRING.sub('""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery durations
+    s = _LABEL_LIST.sub(" ", s)  # by (...), on (...), group_left (...)
+    s = re.sub(r"\boffset\s+-?[0-9a-z]+", " ", s)
+    names = set()
+    for m in _IDENT.finditer(s):
+        tok, start, rest = m.group(), m.start(), s[m.end() :].lstrip()
+        if start and (s[start - 1].isdigit() or s[start - 1] == "."):
+            continue  # the exponent of a number such as 1e-4
+        if rest.startswith("(") or tok.lower() in _KEYWORDS:
+            continue  # a function, an aggregation or a keyword
+        names.add(tok)
+    return names
+
+
+def rule_groups(path: Path) -> list[dict[str, Any]]:
+    return yaml.safe_load(path.read_text())["groups"]
+
+
+def recorded_names(rules_dir: Path = RULES_DIR) -> set[str]:
+    """Every series name written by a recording rule under ``rules_dir``."""
+    return {
+        rule["record"]
+        for path in sorted(rules_dir.glob("*.yml"))
+        for group in rule_groups(path)
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    panel: str  # panel title, or "annotation: NAME"
+    ref: str  # the target's refId
+    expr: str  # PromQL with the Grafana variables filled in
+    instant: bool
+
+
+_GRAFANA_INTERVALS = re.compile(
+    r"\$\{(__rate_interval|__interval|__range)\}|\$(__rate_interval|__interval|__range)\b"
+)
+
+
+def fill_variables(expr: str, task: str, interval: str = "1m") -> str:
+    """Substitute what Grafana would: ``$task`` and the interval variables."""
+    out = _GRAFANA_INTERVALS.sub(interval, expr)
+    out = re.sub(r"\$\{task(?::[a-z]+)?\}|\$task\b|\[\[task\]\]", task, out)
+    if "$" in out or "[[" in out:
+        raise ValueError(f"unknown Grafana variable left in {out!r}")
+    return out
+
+
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """All panels, including those nested in collapsed rows."""
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def dashboard_queries(
+    task: str, interval: str = "1m", path: Path = DASHBOARD, annotations: bool = True
+) -> list[PanelQuery]:
+    """Every PromQL expression of the dashboard's panels (and annotations), filled in."""
+    dash = load_dashboard(path)
+    out = []
+    for panel in iter_panels(dash["panels"]):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                out.append(
+                    PanelQuery(
+                        panel=panel.get("title", "?").replace("$task", task),
+                        ref=target.get("refId", "?"),
+                        expr=fill_variables(target["expr"], task, interval),
+                        instant=bool(target.get("instant")) and not target.get("range", False),
+                    )
+                )
+    if annotations:
+        for ann in dash.get("annotations", {}).get("list", []):
+            if ann.get("expr"):
+                out.append(
+                    PanelQuery(
+                        f"annotation: {ann['name']}",
+                        "-",
+                        fill_variables(ann["expr"], task, interval),
+                        False,
+                    )
+                )
+    return out
+
+
+# ---------------------------------------------------------------- a real Prometheus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningPrometheus:
+    url: str  # e.g. http://127.0.0.1:40123
+    process: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "prometheus.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> RunningPrometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_config(
+    workdir: Path,
+    target: str,
+    *,
+    job: str = "ranker",
+    metrics_path: str = "/metrics",
+    scrape_interval: str = "1s",
+    evaluation_interval: str = "1s",
+    rule_files: list[Path] | None = None,
+) -> Path:
+    """A prometheus.yml scraping ``target`` (host:port) and loading the project's rules."""
+    rules = rule_files if rule_files is not None else sorted(RULES_DIR.glob("*.yml"))
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
+        "rule_files": [str(p.resolve()) for p in rules],
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "metrics_path": metrics_path,
+                "static_configs": [{"targets": [target]}],
+            }
+        ],
+    }
+    path = workdir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_prometheus(
+    target: str,
+    workdir: Path,
+    *,
+    port: int | None = None,
+    job: str = "ranker",
+    metrics_path: str = "/metrics",
+    scrape_interval: str = "1s",
+    evaluation_interval: str = "1s",
+    rule_files: list[Path] | None = None,
+    timeout: float = 30.0,
+) -> RunningPrometheus:
+    """Start ``prometheus`` in ``workdir`` and return once it answers /-/ready.
+
+    ``target`` is the host:port to scrape as job ``job``; pass ``port`` to choose the
+    listen port (e.g. to let Prometheus scrape itself). Use as a context manager or call
+    ``stop()``.
+    """
+    binary = require_tool("prometheus")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = write_config(
+        workdir,
+        target,
+        job=job,
+        metrics_path=metrics_path,
+        scrape_interval=scrape_interval,
+        evaluation_interval=evaluation_interval,
+        rule_files=rule_files,
+    )
+    port = port or free_port()
+    log = (workdir / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+    log.close()
+    prom = RunningPrometheus(f"http://127.0.0.1:{port}", proc, workdir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{prom.log[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return prom
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    prom.stop()
+    raise TimeoutError(f"prometheus not ready after {timeout}s:\n{prom.log[-3000:]}")
+
+
+def api_get(base_url: str, path: str, params: dict[str, str] | None = None) -> Any:
+    """GET a Prometheus HTTP API path; returns ``data`` or raises with Prometheus's error."""
+    url = f"{base_url}{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as e:  # 400/422 carry the PromQL error as JSON
+        body = json.loads(e.read() or b"{}")
+    if body.get("status") != "success":
+        raise RuntimeError(f"{url}: {body.get('errorType')}: {body.get('error')}")
+    return body["data"]
+
+
+def query(base_url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    """Instant query: the list of ``{"metric": {...}, "value": [t, "v"]}`` results."""
+    params = {"query": expr}
+    if at is not None:
+        params["time"] = f"{at:.3f}"
+    data = api_get(base_url, "/api/v1/query", params)
+    if data["resultType"] in ("scalar", "string"):
+        return [{"metric": {}, "value": data["result"]}]
+    return data["result"]
+
+
+def wait_for_data(base_url: str, expr: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Poll ``expr`` until it returns at least one series."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = query(base_url, expr)
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no data for {expr!r} after {timeout}s")
+        time.sleep(0.5)
