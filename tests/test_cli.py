@@ -1,0 +1,141 @@
+"""The command line: train/evaluate happy paths and every user error -> one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ranker.cli import main
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def copy_logs(tiny_logs: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "logs"
+    shutil.copytree(tiny_logs.parent, dst)
+    return dst / "config.yaml"
+
+
+def edit(cfg_path: Path, fn) -> Path:
+    raw = yaml.safe_load(cfg_path.read_text())
+    fn(raw)
+    cfg_path.write_text(yaml.safe_dump(raw))
+    return cfg_path
+
+
+def test_evaluate_prints_the_same_metrics_as_training(tiny_bundle: Path, tiny_logs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tiny_logs.parent / "test"), "--json"], capsys)
+    assert code == 0
+    got = json.loads(out)["metrics"]
+    want = json.loads((tiny_bundle / "metrics.json").read_text())["test"]
+    for task in ("ctr", "cvr", "watch"):
+        for metric, value in want[task].items():
+            assert got[task][metric] == pytest.approx(value, rel=1e-6)
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tiny_logs.parent / "test")], capsys)
+    assert code == 0 and "ctr" in out and "auc=" in out
+
+
+def test_train_cli_prints_metrics_and_bundle(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=1))
+    code, out, _ = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 0
+    assert "val:" in out and "test:" in out and f"bundle: {tmp_path / 'b'}" in out
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def _err(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ranker: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+CONFIG_ERRORS = {
+    "unknown_key": (lambda r: r["train"].update(epoch=3), r"train\.epoch: unknown key"),
+    "bad_value": (lambda r: r["train"].update(epochs=0), r"train\.epochs: Input should be greater than 0"),
+    "bad_feature_type": (lambda r: r["features"][0].update(type="embedding"), r"features\[user_id\]\.type"),
+    "unknown_architecture": (lambda r: r["model"].update(architecture="moe"), r"model\.architecture: unknown architecture 'moe'; valid: shared_bottom, mmoe, ple"),
+    "unknown_weighting": (lambda r: r["train"].update(weighting="magic"), r"train\.weighting: unknown weighting 'magic'; valid: static, uncertainty"),
+    "missing_train_data": (lambda r: r["data"].update(train="nowhere/*.parquet"), r"data\.train: no Parquet files found at .*nowhere"),
+    "label_as_feature": (lambda r: r["features"].append({"name": "click", "type": "dense"}), r"label column 'click'"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_config_errors_exit_2_naming_the_key(case: str, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fn, pattern = CONFIG_ERRORS[case]
+    cfg = edit(copy_logs(tiny_logs, tmp_path), fn)
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert re.search(pattern, line), line
+    assert not (tmp_path / "b").exists()
+
+
+def _rewrite_train(cfg: Path, table: pa.Table) -> Path:
+    train = cfg.parent / "train"
+    shutil.rmtree(train)
+    train.mkdir()
+    pq.write_table(table, train / "bad.parquet")
+    return train / "bad.parquet"
+
+
+def _train_table(cfg: Path) -> pa.Table:
+    return pq.read_table(cfg.parent / "train")
+
+
+DATA_ERRORS = {
+    "missing_column": (lambda t: t.drop_columns(["price"]), r"bad\.parquet: missing column 'price'"),
+    "wrong_column_type": (lambda t: t.set_column(t.schema.get_field_index("category"), "category", pa.array([1.5] * t.num_rows)), r"bad\.parquet: column 'category' has type double"),
+    "empty_data": (lambda t: t.slice(0, 0), r"data\.train: .* holds no rows"),
+    "label_outside_0_1": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([2] * t.num_rows, pa.int64())), r"bad\.parquet: column 'click' has value 2; binary task 'ctr' needs 0 or 1"),
+    "string_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array(["x"] * t.num_rows)), r"label column 'watch_seconds' has type string"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_data_errors_exit_2_naming_file_and_column(case: str, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fn, pattern = DATA_ERRORS[case]
+    cfg = copy_logs(tiny_logs, tmp_path)
+    _rewrite_train(cfg, fn(_train_table(cfg)))
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(tmp_path / "b")], capsys)[::2])
+
+    assert re.search(pattern, line), line
+
+
+def test_missing_config_and_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _err(*run(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert "nope.yaml: config file not found" in line
+    line = _err(*run(["evaluate", "--bundle", str(tmp_path / "nob"), "--data", str(tmp_path)], capsys)[::2])
+    assert "nob: bundle folder not found" in line
+    (tmp_path / "bad.yaml").write_text("data: [")
+    line = _err(*run(["train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert "bad.yaml: not valid YAML" in line
+
+
+def test_evaluate_on_data_without_labels(tiny_bundle: Path, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = pq.read_table(tiny_logs.parent / "val").drop_columns(["conversion"])
+    pq.write_table(t, tmp_path / "nolabel.parquet")
+    line = _err(*run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "nolabel.parquet")], capsys)[::2])
+    assert "nolabel.parquet: missing column 'conversion'" in line
+
+
+def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "ranker.cli", "train", "--config", str(tmp_path / "x.yaml"), "--out", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"ranker: error: {tmp_path / 'x.yaml'}: config file not found"
+    p = subprocess.run([sys.executable, "-m", "ranker.cli", "train"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--config" in p.stderr and len(p.stderr.strip().splitlines()) == 1
