@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ranker.errors import RankerError
 
@@ -65,6 +66,39 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
         print("\n".join(format_metrics(res.metrics)))
 
 
+def _cmd_compare(a: argparse.Namespace) -> None:
+    from ranker.config import load_config
+    from ranker.training.compare import compare
+
+    weightings = [w.strip() for w in a.weightings.split(",") if w.strip()] if a.weightings else None
+    rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config)
+    for r in rep["multi"]:
+        mark = " (best)" if r["best"] and len(rep["multi"]) > 1 else ""
+        print(f"{r['variant']}{mark}: delta_m {r['delta_m_pct']:+.2f}%, worst {r['worst_task']} {r['worst_change_pct']:+.2f}%, "
+              + ", ".join(f"{t} {v['verdict']}" for t, v in r["tasks"].items()))
+    print(f"report: {Path(a.out).resolve() / 'report.md'}")
+
+
+def _cmd_serve(a: argparse.Namespace) -> None:
+    import logging
+
+    import prometheus_client
+    import torch
+    import uvicorn
+
+    from ranker.serving import ServingSettings, create_app
+
+    settings = ServingSettings.from_env(
+        bundle=a.bundle, host=a.host, port=a.port, device=a.device,
+        max_items=a.max_items, max_body_bytes=a.max_body_bytes, concurrency=a.concurrency,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    prometheus_client.disable_created_metrics()  # *_created series: noise for every scrape
+    torch.set_num_threads(settings.intra_op_threads)
+    app = create_app(settings)  # a bundle that cannot be served fails here, before binding the port
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=a.log_level, access_log=a.access_log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ranker", description="Multi-task recommendation ranking: train, evaluate, serve.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -89,6 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="Parquet file, folder or glob with the label columns")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    v = sub.add_parser("serve", help="serve a bundle over HTTP (POST /predict, GET /metrics)")
+    v.add_argument("--bundle", required=True, help="bundle folder")
+    v.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="auto: CUDA when available")
+    v.add_argument("--max-items", type=int, default=None, help="candidates per request (default 10000)")
+    v.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
+    v.add_argument("--concurrency", type=int, default=None, help="requests scored at once (default min(4, cores))")
+    v.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    v.add_argument("--access-log", action="store_true", help="log every request")
+    v.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser("compare", help="multi-task vs single-task per task over seeds: report.md, report.json, plots")
+    c.add_argument("--config", required=True, help="YAML config of the multi-task model")
+    c.add_argument("--out", required=True, help="report folder (runs/ holds every run's bundle)")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--weightings", default=None, help="comma-separated weighting methods (default: the config's)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_compare)
     return p
 
 

@@ -1,0 +1,167 @@
+"""The HTTP app: ``create_app(settings)`` and thin route handlers.
+
+    POST /predict?tasks=ctr,cvr   score items; only the requested towers run
+    GET  /metrics                 Prometheus exposition of the app's own registry
+    GET  /healthz                 the process is alive
+    GET  /readyz                  model loaded and warm (503 otherwise)
+    GET  /model                   version, architecture, tasks, features, training metrics
+    POST /admin/reload            swap in another bundle (bearer token; 404 when disabled)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ranker import __version__
+from ranker.bundle import Bundle
+from ranker.serving.deps import (
+    Body,
+    Pinned,
+    ServingState,
+    State,
+    Tasks,
+    check_content_length,
+    reload_request,
+)
+from ranker.serving.errors import REASONS, ServingError
+from ranker.serving.metrics import ServingMetrics
+from ranker.serving.predictor import load_model
+from ranker.serving.schemas import (
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    ReloadRequest,
+    ReloadResponse,
+)
+from ranker.serving.settings import ServingSettings
+
+log = logging.getLogger("ranker.serving")
+PREDICT_PATH = "/predict"
+_ERRORS = {413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+
+router = APIRouter()
+
+
+@router.post(
+    PREDICT_PATH,
+    response_model=PredictResponse,
+    responses=_ERRORS,  # type: ignore[arg-type]
+    dependencies=[Depends(check_content_length)],
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
+)
+async def predict(state: State, loaded: Pinned, tasks: Tasks, body: Body) -> Response:
+    prediction = await state.predict(loaded, body, tasks)
+    return Response(prediction.body, media_type="application/json")
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(state: State) -> Response:
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+def readyz(state: State) -> Response:
+    if not state.ready:
+        return JSONResponse(Health(status="not ready").model_dump(), status_code=503)
+    return JSONResponse(Health(status="ready", model_version=state.current.version).model_dump())
+
+
+@router.get("/model", response_model=ModelInfo)
+def model(loaded: Pinned) -> ModelInfo:
+    return loaded.info()
+
+
+@router.post("/admin/reload", response_model=ReloadResponse, responses={401: {}, 404: {}, 422: {"model": ErrorResponse}})
+async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_request)]) -> ReloadResponse:
+    old, new = await state.reload(req.bundle)
+    log.info("reloaded %s: version %s -> %s", req.bundle, old.version, new.version)
+    return ReloadResponse(previous_version=old.version, model_version=new.version, architecture=new.architecture, tasks=new.task_names)
+
+
+class PredictMetricsMiddleware:
+    """Counts /predict responses by status class and times them, including 413/422 answers
+    and failures that never reach a handler (a raw ASGI middleware: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500  # an exception before the response counts as 5xx
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request_done(status, time.perf_counter() - start)
+
+
+async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServingError)
+    if exc.reason in REASONS:
+        request.app.state.serving.metrics.invalid.labels(exc.reason).inc()
+    return JSONResponse(ErrorResponse(detail=str(exc), reason=exc.reason, field=exc.field).model_dump(), status_code=exc.status)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state.serving
+    loaded = state.current
+    await anyio.to_thread.run_sync(loaded.warm_up, min(state.settings.warmup_rows, state.settings.max_items))
+    state.set_ready(True)
+    log.info("model %s (%s, tasks %s) on %s: warm and ready", loaded.version, loaded.architecture, ",".join(loaded.task_names), loaded.device)
+    yield
+    state.set_ready(False)
+
+
+def create_app(settings: ServingSettings, *, registry: CollectorRegistry | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """Build the server: load and check the bundle now; warm it up at start-up (lifespan),
+    after which /readyz answers 200. Process-wide torch settings (intra-op threads) are left
+    to whoever owns the process (``ranker serve`` sets them from ``settings``).
+
+    Args:
+        settings: validated server settings; ``settings.bundle`` is loaded unless ``bundle`` is given.
+        registry: where the metrics live; a fresh one by default (tests pass their own).
+        bundle: an already loaded bundle to serve instead of reading ``settings.bundle``.
+
+    Raises:
+        RankerError: the bundle cannot be served (message names the file at fault).
+
+    Example:
+        >>> from fastapi.testclient import TestClient
+        >>> app = create_app(ServingSettings(bundle="/tmp/smoke/bundle", device="cpu"))  # doctest: +SKIP
+        >>> with TestClient(app) as c:  # doctest: +SKIP
+        ...     c.post("/predict?tasks=ctr", json={"items": [{"price": 3.5}]}).json()["scores"]["ctr"]
+    """
+    loaded = load_model(bundle if bundle is not None else settings.bundle, settings, warm=False)
+    state = ServingState(settings, registry if registry is not None else CollectorRegistry(), loaded)
+    app = FastAPI(title="ranker", version=__version__, lifespan=_lifespan)
+    app.state.serving = state
+    app.add_middleware(PredictMetricsMiddleware, metrics=state.metrics)
+    app.add_exception_handler(ServingError, _serving_error)
+    app.include_router(router)
+    return app

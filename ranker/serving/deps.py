@@ -1,0 +1,139 @@
+"""The server's state and every FastAPI dependency, in one module.
+
+``ServingState.current`` is the one reference to the ``LoadedModel`` being served. A request
+pins it once (``pinned_model``, cached per request by FastAPI) and uses that object to the end,
+so a reload, which assigns a new object, never changes a request halfway.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import anyio.to_thread
+from fastapi import Depends, Header, HTTPException, Query, Request
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from ranker.errors import RankerError
+from ranker.serving.errors import RequestError, ServingError
+from ranker.serving.metrics import ServingMetrics
+from ranker.serving.parsing import field_name
+from ranker.serving.predictor import LoadedModel, Prediction, load_model
+from ranker.serving.schemas import ReloadRequest
+from ranker.serving.settings import ServingSettings
+
+
+class ServingState:
+    """Settings, metrics and the model being served; one per app."""
+
+    def __init__(self, settings: ServingSettings, registry: CollectorRegistry, loaded: LoadedModel) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.current = loaded
+        self.metrics = ServingMetrics(registry, lambda: self.current)
+        self.metrics.model_loaded(loaded, None)
+        self.ready = False
+        # anyio primitives bind to the running event loop, so they are made on first use
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._reload_lock: anyio.Lock | None = None
+
+    def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+
+    async def predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:
+        """Score in a worker thread (parsing and inference are CPU-bound), at most
+        ``settings.concurrency`` requests at once; the rest wait without blocking the loop."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        return await anyio.to_thread.run_sync(self._predict, loaded, body, tasks, limiter=self._limiter)
+
+    def _predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:
+        prediction = loaded.predict(body, tasks)
+        self.metrics.observe(loaded, prediction)
+        return prediction
+
+    async def reload(self, bundle: str) -> tuple[LoadedModel, LoadedModel]:
+        """Load, probe and warm ``bundle`` off the loop, then swap it in; returns (old, new).
+
+        Raises:
+            ServingError: 422 when the bundle cannot be served; the old model keeps serving.
+        """
+        if self._reload_lock is None:
+            self._reload_lock = anyio.Lock()
+        async with self._reload_lock:
+            try:
+                new = await anyio.to_thread.run_sync(load_model, Path(bundle), self.settings)
+            except RankerError as e:
+                raise ServingError(422, "bad_bundle", "bundle", f"refused, still serving {self.current.version}: {e}") from None
+            old, self.current = self.current, new  # the swap: one reference assignment
+            self.metrics.model_loaded(new, old)
+            return old, new
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(get_state)]
+
+
+def pinned_model(state: State) -> LoadedModel:
+    """The model this request uses from start to end."""
+    return state.current
+
+
+Pinned = Annotated[LoadedModel, Depends(pinned_model)]
+
+
+def check_content_length(request: Request, state: State) -> None:
+    """413 from the header alone, before any of the body is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
+        raise _too_large(state)
+
+
+def _too_large(state: State) -> RequestError:
+    return RequestError("body_too_large", "body", f"larger than {state.settings.max_body_bytes} bytes", status=413)
+
+
+async def body_bytes(request: Request, state: State) -> bytes:
+    """The body, read in chunks and cut off past ``max_body_bytes`` (the header may lie or be
+    absent with chunked transfer encoding)."""
+    limit, size, chunks = state.settings.max_body_bytes, 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(state)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(description="comma-separated task names; default all")] = None) -> list[str]:
+    return loaded.resolve_tasks(tasks)
+
+
+Body = Annotated[bytes, Depends(body_bytes)]
+Tasks = Annotated[list[str], Depends(requested_tasks)]
+
+
+def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    """404 while no admin token is configured; 401 unless ``Authorization: Bearer <token>``."""
+    token = state.settings.admin_token
+    if token is None:
+        raise HTTPException(404, "Not Found")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <RANKER_ADMIN_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def reload_request(request: Request, _admin: Annotated[None, Depends(require_admin)]) -> ReloadRequest:
+    """The reload body, parsed only after the caller is authorised (so 404/401 come first)."""
+    try:
+        return ReloadRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise ServingError(422, "bad_request", field_name(tuple(err["loc"])), err["msg"]) from None

@@ -1,0 +1,80 @@
+"""Per-task score tracking against the training reference histogram.
+
+Each task's scores are counted into the reference bins of its bundle (``ranker.reference``):
+all-time counts feed ``ranker_task_score`` and ``ranker_task_score_bin_total``, and a ring
+buffer of the last ``window`` scores' bins gives the in-process ``ranker_task_drift_psi``.
+Updates are vectorised (one bincount per request) and guarded by a lock because requests are
+scored in worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ranker.reference import assign_bins, psi
+
+
+@dataclass(frozen=True)
+class TrackerSnapshot:
+    counts: np.ndarray  # (K,) int64 all-time items per bin
+    total: float  # sum of all scores (the histogram's _sum)
+    window: np.ndarray  # (K,) int64 items per bin among the last ``window`` scores
+    psi: float  # PSI of ``window`` against the reference shares
+
+
+class ScoreTracker:
+    """Counts scores into reference bins, all-time and over a sliding window.
+
+    Args:
+        edges: inner bin edges, ascending (bin i holds scores in (edges[i-1], edges[i]]).
+        shares: reference share of each of the ``len(edges) + 1`` bins.
+        window: how many of the most recent scores the PSI looks at.
+
+    Example:
+        >>> t = ScoreTracker([0.5], [0.5, 0.5], window=4)
+        >>> t.add(np.array([0.1, 0.9, 0.2, 0.8]))
+        >>> t.snapshot().window.tolist(), round(t.snapshot().psi, 6)
+        ([2, 2], 0.0)
+    """
+
+    def __init__(self, edges: Sequence[float], shares: Sequence[float], window: int) -> None:
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.shares = np.asarray(shares, dtype=np.float64)
+        self.bins = len(self.edges) + 1
+        if self.shares.shape != (self.bins,):
+            raise ValueError(f"{self.bins} bins but {self.shares.size} reference shares")
+        self._lock = threading.Lock()
+        self._counts = np.zeros(self.bins, dtype=np.int64)
+        self._total = 0.0
+        self._ring = np.full(window, -1, dtype=np.int64)  # bin of each recent score; -1 = empty slot
+        self._pos = 0
+        self._window = np.zeros(self.bins, dtype=np.int64)
+
+    def add(self, scores: np.ndarray) -> None:
+        """Count a request's scores (non-finite ones are skipped: they fit no bin)."""
+        s = np.asarray(scores, dtype=np.float64)
+        s = s[np.isfinite(s)]
+        if s.size == 0:
+            return
+        bins = assign_bins(s, self.edges)  # (N,)
+        per_bin = np.bincount(bins, minlength=self.bins)
+        n = self._ring.size
+        tail = bins[-n:]  # only the last ``window`` scores can stay in the ring
+        with self._lock:
+            self._counts += per_bin
+            self._total += float(s.sum())
+            slots = (self._pos + np.arange(tail.size)) % n
+            old = self._ring[slots]
+            self._window -= np.bincount(old[old >= 0], minlength=self.bins)
+            self._ring[slots] = tail
+            self._window += np.bincount(tail, minlength=self.bins)
+            self._pos = int((self._pos + tail.size) % n)
+
+    def snapshot(self) -> TrackerSnapshot:
+        with self._lock:
+            counts, total, window = self._counts.copy(), self._total, self._window.copy()
+        return TrackerSnapshot(counts, total, window, psi(window, self.shares))

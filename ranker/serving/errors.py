@@ -1,0 +1,34 @@
+"""Serving errors: each maps to one HTTP status and names the request field at fault."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from ranker.errors import RankerError
+
+# Why a /predict request was refused: the label values of ranker_invalid_requests_total.
+Reason = Literal[
+    "bad_json",  # not one JSON object
+    "bad_type",  # a value of the wrong type, or an item that is not an object
+    "non_finite",  # NaN or +-inf in a dense feature
+    "empty_items",  # "items" missing or []
+    "too_many_items",  # more than settings.max_items
+    "body_too_large",  # more than settings.max_body_bytes
+    "unknown_task",  # ?tasks= names a task the model does not have
+]
+REASONS: tuple[str, ...] = get_args(Reason)
+
+
+class ServingError(RankerError):
+    """A refused request: ``status`` and a message starting with the field at fault."""
+
+    def __init__(self, status: int, reason: str, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.status, self.reason, self.field = status, reason, field
+
+
+class RequestError(ServingError):
+    """A bad /predict request; counted in ranker_invalid_requests_total{reason}."""
+
+    def __init__(self, reason: Reason, field: str, message: str, status: int = 422) -> None:
+        super().__init__(status, reason, field, message)

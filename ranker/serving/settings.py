@@ -1,0 +1,104 @@
+"""Server settings, validated once at start-up.
+
+Values come from keyword arguments (the CLI's flags) over ``RANKER_<NAME>`` environment
+variables over defaults. The admin token is read from the environment only
+(``RANKER_ADMIN_TOKEN``), so it never shows in ``ps`` or shell history.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from ranker.errors import RankerError
+
+ENV_PREFIX = "RANKER_"
+ADMIN_TOKEN_ENV = "RANKER_ADMIN_TOKEN"
+
+
+def _default_concurrency() -> int:
+    # inference is CPU-bound: more in-flight forwards than cores only adds queueing inside torch
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class ServingSettings(BaseModel):
+    """Everything the server needs besides the bundle's own contents."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
+    max_items: int = Field(default=10_000, gt=0)  # candidates per /predict request
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger bodies get 413 before parsing
+    concurrency: int = Field(default_factory=_default_concurrency, gt=0)  # requests featurized/scored at once
+    admin_token: SecretStr | None = None  # None: POST /admin/reload answers 404
+    drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi
+    warmup_rows: int = Field(default=1_000, gt=0)  # largest warm-up batch (capped at max_items) before ready
+    # torch intra-op threads per forward; None = cores // concurrency, so concurrent forwards
+    # do not oversubscribe the cores (OpenMP teams spin-wait: oversubscribed, a forward can
+    # take 10-30x longer)
+    torch_threads: int | None = Field(default=None, gt=0)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("device")
+    @classmethod
+    def _cuda_present(cls, v: str) -> str:
+        if v == "cuda" and not torch.cuda.is_available():
+            raise ValueError("'cuda' was asked for but torch sees no CUDA device; use auto or cpu")
+        return v
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.concurrency)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **values: Any) -> ServingSettings:
+        """Build settings from ``values`` (None means "not given") over ``RANKER_<NAME>`` variables.
+
+        Raises:
+            RankerError: naming the setting (and the variable it came from) at fault.
+        """
+        env = os.environ if env is None else env
+        merged: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for name in cls.model_fields:
+            key = ADMIN_TOKEN_ENV if name == "admin_token" else f"{ENV_PREFIX}{name.upper()}"
+            if key in env:
+                merged[name], origin[name] = env[key], key
+        for name, v in values.items():
+            if v is not None:
+                if name == "admin_token":
+                    raise RankerError(f"admin_token: set it with the {ADMIN_TOKEN_ENV} environment variable")
+                merged[name], origin[name] = v, name
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            where = origin.get(name, name)
+            raise RankerError(f"serve: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` picks CUDA when torch sees a device, the CPU otherwise."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)

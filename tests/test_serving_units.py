@@ -1,0 +1,118 @@
+"""Unit tests of serving parts with no HTTP: drift tracker, response encoder, request parser."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ranker.config import FeatureSpec
+from ranker.errors import RankerError
+from ranker.features import Featurizer
+from ranker.reference import assign_bins, reference_histogram
+from ranker.serving.drift import ScoreTracker
+from ranker.serving.parsing import RequestParser
+from ranker.serving.schemas import PredictResponse, encode_predict_response
+
+# ---------------------------------------------------------------- drift
+
+
+def test_ring_window_equals_brute_force_over_the_last_n_scores() -> None:
+    rng = np.random.default_rng(0)
+    ref = reference_histogram(rng.normal(size=5000))
+    tracker = ScoreTracker(ref["edges"], ref["shares"], window=500)
+    seen: list[np.ndarray] = []
+    for size in [1, 7, 300, 499, 1200, 3, 0, 50]:  # fills, wraps, and one batch above the window
+        batch = rng.normal(size=size)
+        tracker.add(batch)
+        seen.append(batch)
+        every = np.concatenate(seen)
+        snap = tracker.snapshot()
+        want_window = np.bincount(assign_bins(every[-500:], ref["edges"]), minlength=len(ref["shares"]))
+        assert snap.window.tolist() == want_window.tolist()
+        assert snap.counts.tolist() == np.bincount(assign_bins(every, ref["edges"]), minlength=len(ref["shares"])).tolist()
+        assert snap.total == pytest.approx(every.sum())
+
+
+def test_psi_near_zero_for_reference_like_scores_and_large_for_shifted() -> None:
+    rng = np.random.default_rng(1)
+    ref = reference_histogram(rng.beta(2, 5, size=20_000))
+    same = ScoreTracker(ref["edges"], ref["shares"], window=10_000)
+    same.add(rng.beta(2, 5, size=10_000))
+    shifted = ScoreTracker(ref["edges"], ref["shares"], window=10_000)
+    shifted.add(rng.beta(3, 4, size=10_000))  # mean 0.29 -> 0.43
+    assert same.snapshot().psi < 0.01
+    assert shifted.snapshot().psi > 0.25
+
+
+def test_tracker_skips_non_finite_scores_and_checks_shapes() -> None:
+    t = ScoreTracker([0.5], [0.5, 0.5], window=10)
+    t.add(np.array([0.2, np.nan, np.inf, 0.7], dtype=np.float32))
+    assert t.snapshot().counts.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="2 bins but 3"):
+        ScoreTracker([0.5], [0.3, 0.3, 0.4], window=10)
+
+
+# ---------------------------------------------------------------- response encoder
+
+
+def test_encoded_scores_round_trip_float32_exactly_and_validate() -> None:
+    rng = np.random.default_rng(2)
+    scores = {"ctr": rng.random(1000).astype(np.float32), "watch": (rng.lognormal(3, 2, 1000)).astype(np.float32)}
+    body = encode_predict_response("v1", scores)
+    parsed = PredictResponse.model_validate_json(body)
+    assert parsed.model_version == "v1" and list(parsed.scores) == ["ctr", "watch"]
+    for t, s in scores.items():
+        assert (np.asarray(parsed.scores[t], dtype=np.float32) == s).all()
+
+
+def test_non_finite_scores_become_null() -> None:
+    body = encode_predict_response("v", {"watch": np.array([1.5, np.inf, np.nan], dtype=np.float32)})
+    assert json.loads(body)["scores"]["watch"] == [1.5, None, None]
+
+
+# ---------------------------------------------------------------- request parser
+
+
+@pytest.fixture
+def parser() -> RequestParser:
+    features = [
+        FeatureSpec(name="uid", column="user", type="categorical", buckets=100, dim=2),
+        FeatureSpec(name="topics", type="multi_hot", buckets=10, dim=2),
+        FeatureSpec(name="price", type="dense"),
+    ]
+    return RequestParser(Featurizer(features, {"uid": "int", "topics": "int"}, {"price": (0.0, 1.0)}), max_items=100)
+
+
+def test_parser_reads_by_source_column_and_both_id_conventions(parser: RequestParser) -> None:
+    big = 2**62 + 1
+    for uid in (big, str(big)):
+        t = parser.parse(json.dumps({"context": {"user": uid, "price": 2}, "items": [{"topics": [str(big), 3]}, {"price": 1}]}).encode())
+        assert t.column("user").to_pylist() == [big, big]
+        assert t.column("topics").to_pylist() == [[big, 3], None]
+        assert t.column("price").to_pylist() == [2.0, 1.0]
+        assert t.column("user").type == pa.int64()
+
+
+def test_parser_fast_path_learns_the_id_convention(parser: RequestParser) -> None:
+    parser.parse(b'{"items": [{"user": "12"}]}')
+    assert ("items", "user") in parser._string_ids  # the next string-id request parses once
+    parser.parse(b'{"items": [{"user": 12}]}')
+    assert ("items", "user") not in parser._string_ids
+
+
+def test_parser_item_values_win_over_context(parser: RequestParser) -> None:
+    t = parser.parse(b'{"context": {"price": 9, "topics": [1]}, "items": [{"price": 1}, {"price": null}, {"topics": []}]}')
+    assert t.column("price").to_pylist() == [1.0, 9.0, 9.0]
+    assert t.column("topics").to_pylist() == [[1], [1], []]  # [] is a value (no tags), not missing
+
+
+def test_parser_refuses_two_features_typed_differently_on_one_column() -> None:
+    features = [
+        FeatureSpec(name="a", column="x", type="categorical", buckets=10, dim=2),
+        FeatureSpec(name="b", column="x", type="dense"),
+    ]
+    with pytest.raises(RankerError, match="column 'x'"):
+        RequestParser(Featurizer(features, {"a": "int"}, {"b": (0.0, 1.0)}), max_items=10)
