@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo  (install + main job)  ·  make test
+# Two commands on a fresh machine:  make demo  (install, synth, train, serve)  ·  make test
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -24,7 +24,14 @@ train: setup
 	$(BIN)/ranker synth --out $(DEMO)/logs --rows $(ROWS)
 	$(BIN)/ranker train --config $(DEMO)/logs/config.yaml --out $(DEMO)/bundle
 
+# ... then serve the fresh bundle (Ctrl-C stops it)
 demo: train
+	@echo
+	@echo "serving $(DEMO)/bundle on http://127.0.0.1:$(PORT); in another shell try:"
+	@echo "  curl -s -X POST 'http://127.0.0.1:$(PORT)/predict?tasks=ctr,cvr' -H 'Content-Type: application/json' -d @examples/predict.json"
+	@echo "  curl -s http://127.0.0.1:$(PORT)/metrics | grep ranker_task_"
+	@echo
+	$(BIN)/ranker serve --bundle $(DEMO)/bundle --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest
