@@ -33,6 +33,11 @@ ValueKind = Literal["int", "str"]
 Batch = dict[str, torch.Tensor]
 
 MISSING = 0
+# standardised dense values are clipped here: a finite but absurd input (1e308) would otherwise
+# overflow float32 to inf and turn every score of the row into NaN
+DENSE_CLIP = 1e4
+_STR_CACHE_MAX = 200_000  # distinct strings whose hash is remembered (ids repeat across batches)
+_str_cache: dict[str, int] = {}
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
@@ -48,7 +53,13 @@ def hash_int64(values: np.ndarray) -> np.ndarray:
 
 def hash_str(value: str) -> int:
     """64-bit BLAKE2b of the UTF-8 bytes: stable across processes (unlike ``hash()``)."""
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little")
+    h = _str_cache.get(value)
+    if h is None:
+        h = int.from_bytes(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest(), "little")
+        if len(_str_cache) >= _STR_CACHE_MAX:
+            _str_cache.clear()
+        _str_cache[value] = h
+    return h
 
 
 def bucketize(hashes: np.ndarray, buckets: int) -> np.ndarray:
@@ -228,7 +239,7 @@ class Featurizer:
             if f.source in names:
                 mean, std = self.dense_stats[f.name]
                 x = (_dense_values(data.column(f.source), f.transform) - mean) / std
-                den[:, j] = np.nan_to_num(x, nan=0.0)
+                den[:, j] = np.clip(np.nan_to_num(x, nan=0.0), -DENSE_CLIP, DENSE_CLIP)
         out["dense"] = torch.from_numpy(den)
 
         for f in self.multi_hot:

@@ -104,6 +104,12 @@ def test_transform_categorical_missing_and_types() -> None:
     assert bag[1].tolist() == [MISSING, 101] and bag[2].tolist() == [MISSING, 101]  # empty/null: one missing entry, then padding
 
 
+def test_huge_dense_values_stay_finite() -> None:
+    fz = _fz()
+    d = fz.transform(pa.table({"q": [1e308, -1e308, 10.0]}))["dense"][:, 1]
+    assert torch.isfinite(d).all() and d[0] > 1000 and d[1] < -1000 and d[2] == 0
+
+
 def test_absent_column_counts_as_missing() -> None:
     fz = _fz()
     b = fz.transform(pa.table({"u": pa.array([5], pa.int64())}))
