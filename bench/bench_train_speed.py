@@ -102,7 +102,7 @@ def main() -> int:
     batches = list(Loader(train_src, featurizer, cfg.tasks, 1024, cfg.train.shuffle_buffer)(seed=0))
     batches = [b for b in batches if len(b["cat"]) == 1024]
     weighting = build_weighting("static", cfg.tasks)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=cfg.train.weight_decay, fused=True)
     types = {t.name: t.type for t in cfg.tasks}
     ctx = StepContext(shared=[])
 

@@ -59,17 +59,31 @@ class FeatureSpec(_Strict):
 class TaskSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     type: Literal["binary", "regression"]
-    label: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1)  # required unless ``product`` is set
     # rows where this label column is not 1 add nothing to the task's loss or metrics
     mask: str | None = None
     # regression only: the model learns MSE on transform(label); scores come back in label units
     transform: Literal["none", "log1p"] = "none"
     weight: float = Field(default=1.0, ge=0.0)  # used by the ``static`` weighting
+    # ESMM (Ma et al., SIGIR 2018): p(task) = product of these binary tasks' p, e.g. pCTCVR =
+    # pCTR x pCVR. No tower of its own; its label is the product of theirs (0 once any is 0), so
+    # it is defined on every row even where a factor is masked.
+    product: list[str] = Field(default_factory=list)
+    # False: the head is evaluated and served but has no loss of its own; it learns only through
+    # a product task (ESMM's cvr, free of the click-space sample-selection bias)
+    loss: bool = True
 
     @model_validator(mode="after")
     def _check_transform(self) -> TaskSpec:
         if self.type == "binary" and self.transform != "none":
             raise ValueError(f"task {self.name!r}: 'transform' applies to regression tasks only")
+        if self.product:
+            if self.type != "binary" or self.label is not None or self.mask is not None:
+                raise ValueError(f"task {self.name!r}: a 'product' task is binary and takes no 'label' or 'mask'")
+            if len(self.product) < 2 or len(set(self.product)) != len(self.product):
+                raise ValueError(f"task {self.name!r}: 'product' needs two or more distinct task names")
+        elif self.label is None:
+            raise ValueError(f"task {self.name!r}: needs a 'label' column (or a 'product' of tasks)")
         return self
 
 
@@ -99,12 +113,58 @@ class ModelConfig(_Strict):
         return v
 
 
+class GradientParams(_Strict):
+    # where task gradients are taken: every shared parameter (exact), or the encoder output that
+    # all tasks share (one (B, in) tensor: cheaper, and MGDA-UB's upper bound). Not named "on":
+    # YAML 1.1 reads an unquoted ``on`` key as the boolean true
+    gradients: Literal["parameters", "representation"] = "parameters"
+
+
+class GradNormParams(GradientParams):
+    alpha: float = Field(default=1.5, ge=0)  # pull toward equal training rates; 0 = equal grad norms
+    gradients: Literal["parameters", "representation"] = "representation"  # the paper: last shared layer
+
+
+class DWAParams(_Strict):
+    temperature: float = Field(default=2.0, gt=0)  # higher = weights closer to uniform
+
+
+class MGDAParams(GradientParams):
+    # gradient scaling before the min-norm solve (Sener & Koltun's code): loss+ = g / (L * |g|)
+    normalization: Literal["none", "l2", "loss", "loss+"] = "loss+"
+    gradients: Literal["parameters", "representation"] = "representation"  # MGDA-UB
+
+
+class CAGradParams(GradientParams):
+    c: float = Field(default=0.4, ge=0)  # radius around the mean gradient; 0 = plain mean
+
+
+class FAMOParams(_Strict):
+    lr: float = Field(default=0.025, gt=0)  # step size of the task logits
+    gamma: float = Field(default=1e-3, ge=0)  # weight decay on the task logits
+
+
+class WeightingParams(_Strict):
+    """Hyperparameters per weighting method, one section named after the method. Sections of
+    methods other than ``train.weighting`` are allowed, so a sweep keeps each method's settings."""
+
+    gradnorm: GradNormParams = Field(default_factory=GradNormParams)
+    dwa: DWAParams = Field(default_factory=DWAParams)
+    pcgrad: GradientParams = Field(default_factory=GradientParams)
+    mgda: MGDAParams = Field(default_factory=MGDAParams)
+    cagrad: CAGradParams = Field(default_factory=CAGradParams)
+    famo: FAMOParams = Field(default_factory=FAMOParams)
+
+
 class TrainConfig(_Strict):
     batch_size: PositiveInt = 1024
     epochs: PositiveInt = 5
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     weighting: str = "uncertainty"  # checked against the registry in training.weighting
+    weighting_params: WeightingParams = Field(default_factory=WeightingParams)
+    # per epoch: task-gradient cosines/norms and gate usage on this many sampled steps; 0 = off
+    diagnostics_batches: int = Field(default=8, ge=0)
     seed: int = 0
     # early stopping: "mean" = mean of each task's primary metric (AUC, or R^2 for regression),
     # or "TASK.METRIC" such as "ctr.auc" / "watch.rmse"; orientation is known per metric
@@ -133,7 +193,16 @@ class RankerConfig(_Strict):
                 if n in seen:
                     raise ValueError(f"duplicate {kind} name {n!r}")
                 seen.add(n)
-        labels = {t.label for t in self.tasks} | {t.mask for t in self.tasks if t.mask}
+        binary = {t.name for t in self.tasks if t.type == "binary" and not t.product}
+        factors = {f for t in self.tasks for f in t.product}
+        for t in self.tasks:
+            for f in t.product:
+                if f not in binary:
+                    raise ValueError(f"task {t.name!r}: product factor {f!r} is not a binary task with a label")
+        for t in self.tasks:
+            if not t.loss and t.name not in factors:
+                raise ValueError(f"task {t.name!r}: 'loss: false' needs the task to be a factor of a product task, or it never learns")
+        labels = {t.label for t in self.tasks if t.label} | {t.mask for t in self.tasks if t.mask}
         for f in self.features:
             if f.source in labels:
                 raise ValueError(f"feature {f.name!r} reads label column {f.source!r}: a label cannot be an input")

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.promhelpers import api_get, dashboard_queries, free_port, query, recorded_names, start_prometheus, wait_for_data
+from tests.promhelpers import (
+    api_get,
+    dashboard_queries,
+    free_port,
+    query,
+    recorded_names,
+    start_prometheus,
+    wait_for_data,
+)
 
 
 def _post(url: str, body: object) -> int:

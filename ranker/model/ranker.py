@@ -10,6 +10,7 @@ from torch import nn
 from ranker.config import FeatureSpec, ModelConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.model.encoder import Encoder
+from ranker.model.esmm import ProductHead
 from ranker.model.heads import build_head
 from ranker.model.trunks import build_trunk
 
@@ -19,7 +20,10 @@ class MultiTaskRanker(nn.Module):
 
     ``forward(batch, tasks)`` returns ``{task: raw output (B,)}`` (logits for binary tasks) and
     runs only the requested tasks' gates and towers; the encoder and shared experts run once.
+    A product task (ESMM's ctcvr) runs its factors' towers and returns only what was asked.
     ``predict`` returns scores instead (probabilities; regression in label units).
+    ``last_encoding`` keeps the encoder output of the last call (B, in): the one representation
+    every task shares, on which gradient weighting methods may act.
 
     Args:
         features: configured features (featurizer order).
@@ -36,9 +40,14 @@ class MultiTaskRanker(nn.Module):
     def __init__(self, features: Sequence[FeatureSpec], tasks: Sequence[TaskSpec], cfg: ModelConfig) -> None:
         super().__init__()
         self.task_names = [t.name for t in tasks]
+        self.products = {t.name: list(t.product) for t in tasks if t.product}
+        towers = [t for t in tasks if not t.product]
         self.encoder = Encoder(features)
-        self.trunk = build_trunk(cfg, self.encoder.out_dim, self.task_names)
-        self.heads = nn.ModuleDict({t.name: build_head(t, self.trunk.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks})
+        self.trunk = build_trunk(cfg, self.encoder.out_dim, [t.name for t in towers])
+        self.heads = nn.ModuleDict(
+            {t.name: ProductHead(t.product) if t.product else build_head(t, self.trunk.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
+        )
+        self.last_encoding: torch.Tensor | None = None
 
     def resolve_tasks(self, tasks: Sequence[str] | None) -> list[str]:
         if tasks is None:
@@ -50,9 +59,13 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         names = self.resolve_tasks(tasks)
+        towers = list(dict.fromkeys(f for t in names for f in self.products.get(t, [t])))
         x = self.encoder(batch)  # (B, in)
-        reps = self.trunk(x, names)  # {task: (B, D)}
-        return {t: self.heads[t](reps[t]) for t in names}
+        if self.training:  # kept for gradient methods only; inference should not pin it
+            self.last_encoding = x
+        reps = self.trunk(x, towers)  # {task: (B, D)}
+        raw = {t: self.heads[t](reps[t]) for t in towers}
+        return {t: self.heads[t](raw) if t in self.products else raw[t] for t in names}
 
     def scores(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map raw outputs to scores, head by head."""

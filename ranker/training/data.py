@@ -104,6 +104,8 @@ def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) ->
     its label is null/NaN, or its mask column is not 1. Binary labels must be 0 or 1."""
     out: Batch = {}
     for t in tasks:
+        if t.label is None:  # a product task: derived below from its factors
+            continue
         y = _numeric(rb.column(t.label), where, t.label)
         if t.type == "binary":
             bad = np.isfinite(y) & (y != 0) & (y != 1)
@@ -114,6 +116,11 @@ def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) ->
             m = _numeric(rb.column(t.mask), where, t.mask)
             y = np.where(m == 1, y, np.nan)
         out[f"label:{t.name}"] = torch.from_numpy(y.astype(np.float32))
+    for t in tasks:
+        if t.product:  # ESMM: 0 once any factor is 0 (no click, no conversion), NaN if still unknown
+            ys = torch.stack([out[f"label:{f}"] for f in t.product])  # (k, B)
+            y = torch.where(torch.isnan(ys).any(0), torch.nan, ys.prod(0))
+            out[f"label:{t.name}"] = torch.where((ys == 0).any(0), 0.0, y)
     return out
 
 

@@ -23,8 +23,9 @@ from ranker.features import Featurizer, RunningMoments
 from ranker.model import MultiTaskRanker
 from ranker.reference import reference_histogram
 from ranker.training.data import Loader, ParquetSource, extract_labels, label_columns
+from ranker.training.diagnostics import EpochProbe, format_diagnostics
 from ranker.training.metrics import check_monitor, monitor_value, task_metrics
-from ranker.training.weighting import StepContext, build_weighting
+from ranker.training.weighting import StepContext, build_weighting, check_weighting
 
 # per task type: loss over the labelled rows, given the raw output and the head's target
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -51,13 +52,14 @@ class TrainResult:
 def task_losses(
     model: MultiTaskRanker, types: dict[str, str], raw: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Mean loss per task over its labelled rows; tasks with none in the batch are left out."""
+    """Mean loss per task in ``types`` over its labelled rows; tasks with none in the batch are
+    left out, and so are outputs without a loss of their own (not in ``types``)."""
     losses = {}
-    for t, out in raw.items():
-        y = batch[f"label:{t}"]
+    for t, ty in types.items():
+        out, y = raw[t], batch[f"label:{t}"]
         valid = ~torch.isnan(y)
         if valid.any():
-            losses[t] = LOSSES[types[t]](out[valid], model.heads[t].target(y[valid]))
+            losses[t] = LOSSES[ty](out[valid], model.heads[t].target(y[valid]))
     return losses
 
 
@@ -95,6 +97,8 @@ class Trainer:
         self.progress = cfg.train.progress if progress is None else progress
         self.log = log or (lambda s: print(s, file=sys.stderr))
         self.task_types = {t.name: t.type for t in cfg.tasks}
+        self.loss_types = {t.name: t.type for t in cfg.tasks if t.loss}  # tasks trained directly
+        check_weighting(cfg.train.weighting)
         err = check_monitor(cfg.train.monitor, self.task_types)
         if err:
             raise RankerError(f"train.monitor: {err}")
@@ -150,10 +154,13 @@ class Trainer:
             head = model.heads[name]
             head.target_mean.fill_(mean)  # type: ignore[operator]
             head.target_std.fill_(std)  # type: ignore[operator]
-        weighting = build_weighting(tc.weighting, cfg.tasks)
+        weighting = build_weighting(tc.weighting, [t for t in cfg.tasks if t.loss], tc.weighting_params)
         params = list(model.parameters()) + list(weighting.parameters())
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # fused: one kernel over all parameters, ~8x faster than the per-tensor loop on CPU
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         shared = list(model.encoder.parameters()) + list(model.trunk.parameters())
+        specific = [p for p in model.parameters() if all(p is not q for q in shared)]
+        steps_per_epoch = -(-train_src.num_rows // tc.batch_size)
 
         train_loader = Loader(train_src, featurizer, cfg.tasks, tc.batch_size, tc.shuffle_buffer)
         val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH)
@@ -164,15 +171,23 @@ class Trainer:
         for epoch in range(tc.epochs):
             model.train()
             ema: dict[str, float] = {}
+            weights: dict[str, list[float]] = {}
+            probe, probe_seconds = EpochProbe(shared, steps_per_epoch, tc.diagnostics_batches), 0.0
             bar = tqdm(total=train_src.num_rows, unit="row", unit_scale=True, desc=f"epoch {epoch + 1}/{tc.epochs}",
                        disable=not self.progress, file=sys.stderr, leave=False)
             t0 = time.perf_counter()
-            for batch in train_loader(seed=tc.seed * 1_000_003 + epoch):
+            for i, batch in enumerate(train_loader(seed=tc.seed * 1_000_003 + epoch)):
                 raw = model(batch)
-                losses = task_losses(model, self.task_types, raw, batch)
+                losses = task_losses(model, self.loss_types, raw, batch)
                 if not losses:
                     continue
-                weighting.backward(losses, StepContext(shared=shared, epoch=epoch, step=step))
+                if probe.due(i):  # off the clock: diagnostics are not training throughput
+                    tp = time.perf_counter()
+                    probe.record(losses, model.trunk.last_gates)
+                    probe_seconds += time.perf_counter() - tp
+                ctx = StepContext(shared=shared, epoch=epoch, step=step, specific=specific, rep=model.last_encoding)
+                for t, w in weighting.backward(losses, ctx).items():
+                    weights.setdefault(t, []).append(w)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -184,12 +199,16 @@ class Trainer:
                 bar.update(n)
                 if step % 20 == 0:
                     bar.set_postfix({f"loss_{t}": f"{v:.4f}" for t, v in ema.items()}, refresh=False)
-            train_seconds += time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t0 - probe_seconds
             bar.close()
             val = evaluate(model, val_loader, cfg.tasks)
             score = monitor_value(tc.monitor, val.metrics, self.task_types)
-            history.append({"epoch": epoch + 1, "train_loss": dict(ema), "val": val.metrics, "monitor": score})
+            diag = probe.summary()
+            history.append({"epoch": epoch + 1, "train_loss": dict(ema), "val": val.metrics, "monitor": score,
+                            "weights": {t: sum(v) / len(v) for t, v in weights.items()}, "diagnostics": diag})
             self.log(f"epoch {epoch + 1}: " + _fmt(val.metrics) + f" | monitor {score:.5f}")
+            if diag["batches"]:
+                self.log(f"  diagnostics: {format_diagnostics(diag)}")
             if score > best:
                 best, best_epoch, bad_epochs = score, epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,440 @@
+"""``ranker compare``: does training the tasks together help each of them?
+
+For every seed, trains the multi-task model (once per weighting) and one single-task model per
+task with the same data, architecture, widths and epochs, then reports per task the test metric
+(val when no test split is configured) single vs multi as mean +- std over seeds, the relative
+change, a verdict, and Delta_m (Maninis et al., CVPR 2019; Vandenhende et al., TPAMI 2021):
+
+    Delta_m = 1/T sum_t s_t (M_multi,t - M_single,t) / |M_single,t| x 100%,
+    s_t = +1 when higher is better for task t's metric, -1 when lower is better.
+
+Comparison metric per task type: AUC (binary), RMSE (regression; R^2 is unstable as a ratio
+near 0). Product tasks (ESMM's ctcvr) have no single-task counterpart and are left out of
+Delta_m; a ``loss: false`` factor (ESMM's cvr) is compared with a cvr model trained directly on
+its labelled rows, which is exactly the question ESMM answers.
+
+Verdict per task, with d the relative change (%) of the seed means and SE its standard error
+(sqrt(s_multi^2 / n_m + s_single^2 / n_s) / |mean_single|, sample std over seeds), and t the
+Student-t 97.5% quantile with n_m + n_s - 2 degrees of freedom (4.30 for two seeds each, 2.78
+for three: few seeds give a poor estimate of the spread, so the bar is high):
+``gain`` if d > max(MIN_EFFECT_PCT, t SE), ``negative transfer`` if d < -max(MIN_EFFECT_PCT, t SE),
+else ``neutral``. With a single seed there is no spread and only the MIN_EFFECT_PCT floor applies.
+
+Writes REPORT_DIR/report.md, report.json, metrics.png, learning_curves.png, grad_cosine.png,
+gates.png (gated trunks), and every run's bundle and log under REPORT_DIR/runs/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ranker.config import RankerConfig
+from ranker.errors import RankerError
+from ranker.training.metrics import HIGHER_IS_BETTER
+from ranker.training.trainer import Trainer
+from ranker.training.weighting import check_weighting
+
+COMPARE_METRIC = {"binary": "auc", "regression": "rmse"}
+MIN_EFFECT_PCT = 0.1  # relative changes smaller than this are neutral whatever the spread
+# Student-t 97.5% quantiles by degrees of freedom (no scipy); beyond the table, the normal's
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+SINGLE_WEIGHTING = "static"  # one task: nothing to balance
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # folder under runs/
+    kind: str  # "multi" | "single"
+    variant: str  # multi: the configuration's name in the report (its weighting, for the CLI)
+    task: str | None  # single: its task
+    seed: int
+    cfg: RankerConfig
+
+
+def single_task_config(cfg: RankerConfig, task: str) -> RankerConfig:
+    """The config restricted to one task (trained with its own loss), everything else equal."""
+    spec = cfg.task(task).model_copy(update={"loss": True, "weight": 1.0})
+    monitor = cfg.train.monitor if cfg.train.monitor.split(".")[0] == task else "mean"
+    train = cfg.train.model_copy(update={"weighting": SINGLE_WEIGHTING, "monitor": monitor})
+    return cfg.model_copy(update={"tasks": [spec], "train": train})
+
+
+def compared_tasks(cfg: RankerConfig) -> list[str]:
+    return [t.name for t in cfg.tasks if not t.product]
+
+
+def _seeded(cfg: RankerConfig, seed: int) -> RankerConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+
+
+def plan(cfg: RankerConfig, seeds: int, variants: dict[str, RankerConfig]) -> list[Run]:
+    """Every run: each multi-task variant and each task's single-task model (built from
+    ``cfg``), for seeds train.seed, train.seed + 1, ..."""
+    runs = []
+    for i in range(seeds):
+        seed = cfg.train.seed + i
+        for name, c in variants.items():
+            runs.append(Run(f"multi-{name}-seed{seed}", "multi", name, None, seed, _seeded(c, seed)))
+        for t in compared_tasks(cfg):
+            runs.append(Run(f"single-{t}-seed{seed}", "single", SINGLE_WEIGHTING, t, seed, _seeded(single_task_config(cfg, t), seed)))
+    return runs
+
+
+def weighting_variants(cfg: RankerConfig, weightings: Sequence[str]) -> dict[str, RankerConfig]:
+    return {w: cfg.model_copy(update={"train": cfg.train.model_copy(update={"weighting": w})}) for w in weightings}
+
+
+# ----- statistics --------------------------------------------------------------------------
+def t_critical(df: int) -> float:
+    """Two-sided 95% Student-t critical value; conservative (the next smaller df in the table)."""
+    known = [d for d in _T975 if d <= df]
+    return _T975[max(known)] if known else float("inf")
+
+
+def summary(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"values": v.tolist(), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}
+
+
+def relative_change(single: dict, multi: dict, higher_is_better: bool) -> dict:
+    """Oriented relative change (%) of the seed means, its standard error and the verdict."""
+    base = abs(single["mean"])
+    sign = 1.0 if higher_is_better else -1.0
+    change = sign * (multi["mean"] - single["mean"]) / base * 100 if base > 0 else float("nan")
+    n_s, n_m = len(single["values"]), len(multi["values"])
+    se = None
+    if single["std"] is not None and multi["std"] is not None and base > 0:
+        se = math.sqrt(single["std"] ** 2 / n_s + multi["std"] ** 2 / n_m) / base * 100
+    bar = max(MIN_EFFECT_PCT, t_critical(n_s + n_m - 2) * se) if se is not None else MIN_EFFECT_PCT
+    verdict = "gain" if change > bar else "negative transfer" if change < -bar else "neutral"
+    return {"change_pct": change, "se_pct": se, "threshold_pct": bar, "verdict": verdict}
+
+
+def delta_m(changes: Sequence[float]) -> float:
+    """Mean oriented relative change (%) over tasks."""
+    return float(np.mean(changes))
+
+
+# ----- running -------------------------------------------------------------------------------
+def _metric_of(res_metrics: dict, split: str, task: str, metric: str) -> float:
+    v = res_metrics[split][task][metric]
+    return float(v) if v is not None else float("nan")
+
+
+def run_all(runs: Sequence[Run], out: Path, progress: bool = True) -> dict[str, dict]:
+    """Train every run (bundle + log under out/runs/); returns {run name: metrics}."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    bar = tqdm(runs, desc="compare", unit="run", disable=not progress, file=sys.stderr)
+    for run in bar:
+        bar.set_postfix_str(run.name)
+        log_path = out / "runs" / f"{run.name}.log"
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            res = Trainer(run.cfg, progress=False, log=lambda s, f=log: print(s, file=f, flush=True)).run(out / "runs" / run.name)
+        results[run.name] = {**res.metrics, "wall_seconds": time.perf_counter() - t0}
+    return results
+
+
+# ----- the report ----------------------------------------------------------------------------
+def _mean_curves(curves: list[list[float]]) -> list[float]:
+    """Per-epoch mean over seeds; runs stopped early contribute to the epochs they reached."""
+    n = max((len(c) for c in curves), default=0)
+    return [float(np.nanmean([c[e] for c in curves if e < len(c)])) for e in range(n)]
+
+
+def _mean_over_runs(dicts: list[dict]) -> dict:
+    """{key: mean over the dicts that have the key} (a masked task may miss a sampled step)."""
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in keys}
+
+
+def _diagnostics(histories: list[list[dict]]) -> dict:
+    """Per-epoch gradient cosines and last-epoch norms, loss weights and gates, over seeds."""
+    pairs = list(dict.fromkeys(p for hs in histories for h in hs for p in h["diagnostics"]["grad_cosine"]))
+    last = [hs[-1]["diagnostics"] for hs in histories]
+    gates = {}
+    for t in dict.fromkeys(t for d in last for t in d["gates"]):
+        g = [d["gates"][t] for d in last if t in d["gates"]]
+        gates[t] = {"share": np.mean([x["share"] for x in g], axis=0).tolist(),
+                    "entropy": float(np.mean([x["entropy"] for x in g])), "max_entropy": g[0]["max_entropy"]}
+    return {
+        "grad_cosine_curves": {
+            p: _mean_curves([[h["diagnostics"]["grad_cosine"].get(p, float("nan")) for h in hs] for hs in histories]) for p in pairs
+        },
+        "grad_norm_last": _mean_over_runs([d["grad_norm"] for d in last]),
+        "dominance_last": float(np.mean([d["dominance"] for d in last])),
+        "weights_last": _mean_over_runs([hs[-1]["weights"] for hs in histories]),
+        "gates_last": gates,
+    }
+
+
+def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict], source: str = "", variant_kind: str = "weighting") -> dict:
+    split = "test" if cfg.data.test else "val"
+    types = {t.name: t.type for t in cfg.tasks}
+    tasks = compared_tasks(cfg)
+    metric = {t: COMPARE_METRIC[types[t]] for t in tasks}
+    higher = {t: bool(HIGHER_IS_BETTER[metric[t]]) for t in tasks}
+    seeds = sorted({r.seed for r in runs})
+    variants = list(dict.fromkeys(r.variant for r in runs if r.kind == "multi"))
+
+    def runs_of(kind: str, key: str) -> list[Run]:
+        return [r for r in runs if r.kind == kind and (r.task if kind == "single" else r.variant) == key]
+
+    single, single_curves = {}, {}
+    for t in tasks:
+        rs = runs_of("single", t)
+        single[t] = summary([_metric_of(results[r.name], split, t, metric[t]) for r in rs])
+        single[t]["rows_per_second"] = float(np.mean([results[r.name]["throughput"]["train_rows_per_second"] for r in rs]))
+        single_curves[t] = _mean_curves([[h["val"][t][metric[t]] for h in results[r.name]["history"]] for r in rs])
+
+    rows = []
+    for v in variants:
+        rs = runs_of("multi", v)
+        per_task = {}
+        for t in tasks:
+            m = summary([_metric_of(results[r.name], split, t, metric[t]) for r in rs])
+            per_task[t] = {**m, **relative_change(single[t], m, higher[t])}
+        changes = [per_task[t]["change_pct"] for t in tasks]
+        # per-seed Delta_m (multi seed i vs single seed i) for its spread
+        sign = {t: 1.0 if higher[t] else -1.0 for t in tasks}
+        seed_dm = [
+            delta_m([sign[t] * (per_task[t]["values"][i] - single[t]["values"][i]) / abs(single[t]["values"][i]) * 100 for t in tasks])
+            for i in range(len(seeds))
+        ]
+        worst = min(tasks, key=lambda t: per_task[t]["change_pct"])
+        histories = [results[r.name]["history"] for r in rs]
+        rows.append({
+            "variant": v,
+            "architecture": rs[0].cfg.model.architecture,
+            "weighting": rs[0].cfg.train.weighting,
+            "tasks": per_task,
+            "delta_m_pct": delta_m(changes),
+            "delta_m_seed_std_pct": float(np.std(seed_dm, ddof=1)) if len(seed_dm) > 1 else None,
+            "worst_task": worst,
+            "worst_change_pct": per_task[worst]["change_pct"],
+            "rows_per_second": float(np.mean([results[r.name]["throughput"]["train_rows_per_second"] for r in rs])),
+            "curves": {t: _mean_curves([[h["val"][t][metric[t]] for h in hs] for hs in histories]) for t in tasks},
+            **_diagnostics(histories),
+        })
+    best = max(rows, key=lambda r: r["delta_m_pct"] if math.isfinite(r["delta_m_pct"]) else -math.inf)
+    for r in rows:
+        r["best"] = r is best
+    return {
+        "config": source,
+        "split": split,
+        "seeds": seeds,
+        "architecture": cfg.model.architecture,
+        "epochs": cfg.train.epochs,
+        "tasks": tasks,
+        "variant_kind": variant_kind,
+        "metric": {t: {"name": metric[t], "higher_is_better": higher[t]} for t in tasks},
+        "verdict_rule": (
+            f"d = oriented relative change (%) of the seed means; SE = sqrt(s_multi^2/n_m + s_single^2/n_s)/|mean_single| x 100 "
+            f"(sample std over seeds); t = Student-t 97.5% quantile with n_m + n_s - 2 degrees of freedom "
+            f"({t_critical(2 * len(seeds) - 2):.2f} here). gain if d > max({MIN_EFFECT_PCT}%, t SE); "
+            f"negative transfer if d < -max({MIN_EFFECT_PCT}%, t SE); else neutral. "
+            f"One seed: no spread, only the {MIN_EFFECT_PCT}% floor applies."
+        ),
+        "single_weighting": SINGLE_WEIGHTING,
+        "single": {t: {**single[t], "curve": single_curves[t]} for t in tasks},
+        "multi": rows,
+        "best": best["variant"],
+        "excluded_from_delta_m": [t.name for t in cfg.tasks if t.product],
+    }
+
+
+def _fmt(v: float | None, std: float | None = None, pct: bool = False) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    s = f"{v:+.2f}%" if pct else f"{v:.4f}"
+    if std is not None:
+        s += f" ± {std:.2f}" if pct else f" ± {std:.4f}"
+    return s
+
+
+def render_markdown(rep: dict, plots: Sequence[str]) -> str:
+    tasks, metric = rep["tasks"], rep["metric"]
+    metric_desc = ", ".join(
+        f"{t} {m['name'].upper()} ({'higher' if m['higher_is_better'] else 'lower'} is better)" for t, m in metric.items()
+    )
+    lines = [
+        "# Multi-task vs single-task",
+        "",
+        f"- config: `{rep['config']}`",
+        f"- architecture: {', '.join(dict.fromkeys(r['architecture'] for r in rep['multi']))}, up to {rep['epochs']} epochs (best epoch on val), seeds: {', '.join(map(str, rep['seeds']))}",
+        f"- metric: {metric_desc}, on the **{rep['split']}** split",
+        f"- single-task baselines: one {rep['architecture']} model per task, same widths and epochs, weighting `{rep['single_weighting']}`",
+    ]
+    if rep["excluded_from_delta_m"]:
+        lines.append(f"- no single-task counterpart, left out of Δm: {', '.join(rep['excluded_from_delta_m'])}")
+    lines += ["", "## Summary", ""]
+    lines.append(f"| {rep['variant_kind']} | Δm | worst task | " + " | ".join(tasks) + " | train rows/s |")
+    lines.append("|---|---|---|" + "---|" * len(tasks) + "---|")
+    for r in rep["multi"]:
+        mark = " ★" if r["best"] and len(rep["multi"]) > 1 else ""
+        cells = [f"{_fmt(r['tasks'][t]['change_pct'], pct=True)} ({r['tasks'][t]['verdict']})" for t in tasks]
+        lines.append(
+            f"| {r['variant']}{mark} | {_fmt(r['delta_m_pct'], r['delta_m_seed_std_pct'], pct=True)} | "
+            f"{r['worst_task']} {_fmt(r['worst_change_pct'], pct=True)} | " + " | ".join(cells) + f" | {r['rows_per_second']:,.0f} |"
+        )
+    if len(rep["multi"]) > 1:
+        lines.append(f"\n★ best by Δm: **{rep['best']}**")
+    lines += ["", "Δm = mean over tasks of the oriented relative change of the seed means (± the std of per-seed Δm).", ""]
+    for r in rep["multi"]:
+        lines += [f"## Per task — {rep['variant_kind']} `{r['variant']}`", ""]
+        lines.append("| task | metric | single (mean ± std) | multi (mean ± std) | change | threshold | verdict |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for t in tasks:
+            s, m = rep["single"][t], r["tasks"][t]
+            lines.append(
+                f"| {t} | {metric[t]['name']} | {_fmt(s['mean'], s['std'])} | {_fmt(m['mean'], m['std'])} | "
+                f"{_fmt(m['change_pct'], pct=True)} | ±{m['threshold_pct']:.2f}% | {m['verdict']} |"
+            )
+        lines.append("")
+        lines.append(f"Worst task: **{r['worst_task']}** ({_fmt(r['worst_change_pct'], pct=True)}).")
+        diag = []
+        if r["grad_cosine_curves"]:
+            diag.append("gradient cosine (last epoch): " + ", ".join(f"{p} {c[-1]:+.3f}" for p, c in r["grad_cosine_curves"].items() if c))
+        if r["grad_norm_last"]:
+            diag.append("gradient norm: " + ", ".join(f"{t} {v:.3g}" for t, v in r["grad_norm_last"].items()) + f" (dominance {r['dominance_last']:.2f}x)")
+        if r["weights_last"]:
+            diag.append("mean loss weight (last epoch): " + ", ".join(f"{t} {v:.3f}" for t, v in r["weights_last"].items()))
+        if r["gates_last"]:
+            diag.append("gate entropy: " + ", ".join(f"{t} {g['entropy']:.2f}/{g['max_entropy']:.2f}" for t, g in r["gates_last"].items()))
+        lines += [f"- {d}" for d in diag] + [""]
+    lines += ["## Verdict rule", "", rep["verdict_rule"], ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def plot(rep: dict, out: Path) -> list[str]:
+    """Write the PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, rows = rep["tasks"], rep["multi"]
+    written = []
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        names = ["single"] + [r["variant"] for r in rows]
+        means = [rep["single"][t]["mean"]] + [r["tasks"][t]["mean"] for r in rows]
+        stds = [rep["single"][t]["std"] or 0.0] + [r["tasks"][t]["std"] or 0.0 for r in rows]
+        ax.bar(range(len(names)), means, yerr=stds, color=["grey"] + ["C0"] * len(rows), capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        lo, hi = min(m - s for m, s in zip(means, stds, strict=True)), max(m + s for m, s in zip(means, stds, strict=True))
+        pad = (hi - lo) * 0.5 + 1e-6
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(f"{t} {rep['metric'][t]['name']} ({rep['split']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=100)
+    plt.close(fig)
+    written.append("metrics.png")
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        c = rep["single"][t]["curve"]
+        ax.plot(range(1, len(c) + 1), c, "k--", label="single")
+        for r in rows:
+            c = r["curves"][t]
+            ax.plot(range(1, len(c) + 1), c, marker=".", label=r["variant"])
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{t} val {rep['metric'][t]['name']}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+    written.append("learning_curves.png")
+
+    pairs = sorted({p for r in rows for p in r["grad_cosine_curves"]})
+    if pairs:
+        fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs) + 1, 3.2), squeeze=False)
+        for ax, p in zip(axes[0], pairs, strict=True):
+            for r in rows:
+                c = r["grad_cosine_curves"].get(p, [])
+                ax.plot(range(1, len(c) + 1), c, marker=".", label=r["variant"])
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_ylim(-1, 1)
+            ax.set_xlabel("epoch")
+            ax.set_title(f"grad cosine {p}", fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "grad_cosine.png", dpi=100)
+        plt.close(fig)
+        written.append("grad_cosine.png")
+
+    gated = [r for r in rows if r["gates_last"]]
+    if gated:
+        fig, axes = plt.subplots(1, len(gated), figsize=(3.5 * len(gated) + 1, 0.5 * len(tasks) + 2), squeeze=False)
+        for ax, r in zip(axes[0], gated, strict=True):
+            names = list(r["gates_last"])
+            share = np.array([r["gates_last"][t]["share"] for t in names])  # (T, E)
+            im = ax.imshow(share, vmin=0, vmax=max(float(share.max()), 1e-6), cmap="viridis", aspect="auto")
+            ax.set_yticks(range(len(names)), names)
+            ax.set_xlabel("expert")
+            ax.set_title(f"gate share ({r['variant']})", fontsize=9)
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "gates.png", dpi=100)
+        plt.close(fig)
+        written.append("gates.png")
+    return written
+
+
+def _json_safe(obj: object) -> object:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def compare(
+    cfg: RankerConfig, out: str | Path, seeds: int = 3, weightings: Sequence[str] | None = None,
+    progress: bool = True, source: str = "",
+) -> dict:
+    """Train, compare and write the report; returns the report dict (as in report.json).
+
+    Args:
+        cfg: the multi-task config (its data, architecture and epochs are used for every run).
+        out: report folder.
+        seeds: seeds per configuration (train.seed, train.seed + 1, ...).
+        weightings: multi-task weighting methods to compare (default: the config's).
+        progress: a tqdm bar over runs.
+        source: where the config came from, for the report.
+    """
+    if seeds < 1:
+        raise RankerError(f"--seeds: must be at least 1, got {seeds}")
+    weightings = list(dict.fromkeys(weightings or [cfg.train.weighting]))
+    for w in weightings:
+        check_weighting(w)
+    if len(compared_tasks(cfg)) < 2:
+        raise RankerError("tasks: compare needs at least two tasks with their own label")
+    out = Path(out)
+    runs = plan(cfg, seeds, weighting_variants(cfg, weightings))
+    rep = build_report(cfg, runs, run_all(runs, out, progress), source)
+    write_report(rep, out)
+    return rep
+
+
+def write_report(rep: dict, out: Path) -> None:
+    """report.json, report.md and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(rep, out)
+    (out / "report.json").write_text(json.dumps(_json_safe(rep), indent=2, allow_nan=False))
+    (out / "report.md").write_text(render_markdown(rep, plots))

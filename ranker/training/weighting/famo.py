@@ -1,0 +1,56 @@
+"""FAMO (Liu et al., NeurIPS 2023): fast adaptive multitask optimisation.
+
+The model descends sum_t z_t log L_t / c with z = softmax(xi) and c = sum_t z_t / L_t, i.e.
+loss weights z_t / (c L_t). The task logits xi are then updated so that the next step
+decreases every log-loss at the same rate: with delta_t = log L_t(before) - log L_t(after),
+xi receives the gradient J_softmax(xi)^T delta and takes an Adam step with weight decay
+``gamma``. The paper measures "after" with a second forward pass on the same batch; here it is
+the next batch's loss (no extra forward, one step of lag: an unbiased but noisier estimate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ranker.config import FAMOParams, TaskSpec
+from ranker.training.weighting.base import LossWeighting, StepContext
+
+_EPS = 1e-8
+
+
+class FAMO(LossWeighting):
+    def __init__(self, tasks: Sequence[TaskSpec], params: FAMOParams | None = None) -> None:
+        super().__init__(tasks)
+        params = params or FAMOParams()
+        self.index = {t: i for i, t in enumerate(self.tasks)}
+        # the task logits: a plain tensor with its own optimiser, not a Parameter, so the
+        # trainer's optimiser never touches it
+        self.xi = torch.zeros(len(self.tasks), requires_grad=True)
+        self.opt = torch.optim.Adam([self.xi], lr=params.lr, weight_decay=params.gamma)
+        self.prev: dict[str, float] = {}
+
+    def update(self, losses: dict[str, float]) -> None:
+        """One step of the task logits from the loss change since the previous call."""
+        common = [t for t in losses if t in self.prev]
+        if len(common) >= 2:
+            idx = torch.tensor([self.index[t] for t in common])
+            delta = torch.tensor([math.log(self.prev[t] + _EPS) - math.log(losses[t] + _EPS) for t in common])
+            with torch.enable_grad():
+                (d,) = torch.autograd.grad(torch.softmax(self.xi[idx], 0), self.xi, grad_outputs=delta)
+            self.opt.zero_grad()
+            self.xi.grad = d
+            self.opt.step()
+        self.prev = dict(losses)
+
+    def combine(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        self.update({t: float(v.detach()) for t, v in losses.items()})
+        idx = torch.tensor([self.index[t] for t in losses])
+        z = torch.softmax(self.xi.detach()[idx], 0)  # (T,)
+        values = torch.stack(list(losses.values()))  # (T,)
+        inv = 1.0 / (values.detach() + _EPS)
+        w = z * inv / (z * inv).sum()  # z_t / (c L_t): the weight the log objective puts on L_t
+        total = (z / (z * inv).sum() * torch.log(values + _EPS)).sum()
+        return total, {t: float(wi) for t, wi in zip(losses, w, strict=True)}

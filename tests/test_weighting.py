@@ -1,0 +1,333 @@
+"""Weighting methods: each on a tiny problem with a known answer, the shared contract (any
+subset of tasks, heads get their own task's gradient), typed hyperparameters, and a short
+end-to-end run of every method."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from ranker.config import (
+    CAGradParams,
+    DWAParams,
+    GradientParams,
+    GradNormParams,
+    MGDAParams,
+    TaskSpec,
+    load_config,
+    parse_config,
+)
+from ranker.errors import RankerError
+from ranker.training.weighting import WEIGHTINGS, GradientWeighting, StepContext, build_weighting
+from ranker.training.weighting.cagrad import CAGrad
+from ranker.training.weighting.dwa import DWA
+from ranker.training.weighting.famo import FAMO
+from ranker.training.weighting.gradnorm import GradNorm
+from ranker.training.weighting.mgda import MGDA, min_norm_weights
+from ranker.training.weighting.pcgrad import PCGrad
+from ranker.training.weighting.rlw import RLW
+from tests.datagen import write_logs
+
+
+def _tasks(*names: str) -> list[TaskSpec]:
+    return [TaskSpec(name=n, type="binary", label=n) for n in names]
+
+
+def _linear_losses(p: nn.Parameter, grads: list[list[float]], offsets: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """L_t = g_t . p + offset_t: gradient g_t on the shared ``p``, value set by the offset."""
+    offsets = offsets or [1.0] * len(grads)
+    return {f"t{i}": torch.tensor(g) @ p + o for i, (g, o) in enumerate(zip(grads, offsets, strict=True))}
+
+
+# ----- PCGrad ----------------------------------------------------------------------------------
+def test_pcgrad_removes_the_conflicting_component_of_opposed_gradients() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    g1, g2 = [1.0, 0.0], [-1.0, 1.0]  # g1 . g2 = -1: they conflict
+    PCGrad(_tasks("t0", "t1")).backward(_linear_losses(p, [g1, g2]), StepContext(shared=[p]))
+    # g1' = g1 - (g1.g2/|g2|^2) g2 = (0.5, 0.5);  g2' = g2 - (g2.g1/|g1|^2) g1 = (0, 1)
+    assert torch.allclose(p.grad, torch.tensor([0.5, 1.5]))
+    for proj, other in (([0.5, 0.5], g2), ([0.0, 1.0], g1)):
+        assert np.dot(proj, other) == pytest.approx(0.0)  # conflicting component gone
+
+
+def test_pcgrad_leaves_agreeing_gradients_alone() -> None:
+    grads = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 1.0]])  # positive inner product
+    assert torch.allclose(PCGrad(_tasks("a", "b")).direction(grads), grads.sum(0))
+
+
+# ----- MGDA ------------------------------------------------------------------------------------
+def test_mgda_min_norm_point_matches_the_two_task_closed_form() -> None:
+    g = np.array([[1.0, 0.0], [0.0, 2.0]])
+    a = min_norm_weights(g @ g.T)
+    # a1 = (g2 - g1) . g2 / |g1 - g2|^2 = 4 / 5
+    assert a == pytest.approx([0.8, 0.2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mgda_direction_has_non_negative_inner_product_with_every_task(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = 2 + seed % 4
+    grads = rng.standard_normal((t, 6)) * rng.uniform(0.1, 10.0, (t, 1))
+    grads[1] -= 1.5 * grads[0]  # at least one strong conflict
+    d = MGDA(_tasks(*"abcde"[:t]), MGDAParams(normalization="none")).direction(torch.from_numpy(grads)).numpy()
+    dots = grads @ d
+    assert (dots >= (1 - 1e-6) * (d @ d)).all()  # d . g_t >= |d|^2 >= 0 at the min-norm point
+    assert (d @ d) <= min((g @ g) for g in grads) + 1e-9  # no longer than any single gradient
+
+
+# ----- CAGrad ----------------------------------------------------------------------------------
+def test_cagrad_with_c_zero_is_the_mean_gradient() -> None:
+    grads = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 1.0, 2.0], [0.2, 0.2, -1.0]], dtype=torch.float64)
+    d = CAGrad(_tasks("a", "b", "c"), CAGradParams(c=0.0)).direction(grads)
+    assert torch.allclose(d, grads.mean(0))
+
+
+def test_cagrad_improves_the_worst_task_over_the_mean_gradient() -> None:
+    grads = torch.tensor([[4.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)  # the mean hurts task 2
+    g0 = grads.mean(0)
+    c = 0.5
+    d = CAGrad(_tasks("a", "b"), CAGradParams(c=c)).direction(grads) * (1 + c**2)  # undo the rescale
+    assert float((grads @ g0).min()) < 0
+    assert float((grads @ d).min()) > float((grads @ g0).min())
+    assert float((d - g0).norm()) == pytest.approx(c * float(g0.norm()), rel=1e-4)  # on the ball's edge
+
+
+# ----- GradNorm --------------------------------------------------------------------------------
+def _gradnorm_steps(m: GradNorm, grads: list[list[float]], offsets_per_step: list[list[float]]) -> torch.Tensor:
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    p = nn.Parameter(torch.zeros(2))
+    for offsets in offsets_per_step:
+        m.backward(_linear_losses(p, grads, offsets), StepContext(shared=[p]))
+        opt.step()
+        opt.zero_grad()
+    return m.weights().detach()
+
+
+def test_gradnorm_raises_the_weight_of_the_task_that_learns_slower() -> None:
+    m = GradNorm(_tasks("t0", "t1"), GradNormParams(alpha=1.5, gradients="parameters"))
+    # equal gradient norms; t0's loss halves, t1's does not move: t1 trains slower
+    w = _gradnorm_steps(m, [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]] + [[0.5, 1.0]] * 50)
+    assert w[1] > 1.05 > 0.95 > w[0]
+    assert float(w.sum()) == pytest.approx(2.0)  # weights always sum to the task count
+
+
+def test_gradnorm_equalises_gradient_norms_when_rates_are_equal() -> None:
+    m = GradNorm(_tasks("t0", "t1"), GradNormParams(alpha=1.5, gradients="parameters"))
+    # same training rate; t0's gradient is 4x t1's, so G_t = w_t |g_t| balances at w0/w1 = 1/4
+    w = _gradnorm_steps(m, [[4.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]] * 150)
+    assert float(w[0] * 4) == pytest.approx(float(w[1]), rel=0.1)
+
+
+# ----- DWA -------------------------------------------------------------------------------------
+def test_dwa_weights_follow_the_softmax_of_loss_ratios() -> None:
+    temperature = 2.0
+    m = DWA(_tasks("a", "b", "c"), DWAParams(temperature=temperature))
+    p = nn.Parameter(torch.zeros(1))
+    epoch_losses = [[1.0, 1.0, 1.0], [0.5, 0.9, 1.0], [0.4, 0.9, 0.5]]
+    seen = []
+    for epoch, ls in enumerate(epoch_losses + [[1.0, 1.0, 1.0]]):
+        for _ in range(3):  # several steps per epoch; the epoch mean is what counts
+            w = m.backward({t: p.sum() * 0 + v for t, v in zip("abc", ls, strict=True)}, StepContext(shared=[p], epoch=epoch))
+        seen.append(w)
+    assert seen[0] == seen[1] == {"a": 1.0, "b": 1.0, "c": 1.0}  # no history for two epochs
+    for e in (2, 3):
+        r = np.array(epoch_losses[e - 1]) / np.array(epoch_losses[e - 2])
+        expected = 3 * np.exp(r / temperature) / np.exp(r / temperature).sum()
+        assert [seen[e][t] for t in "abc"] == pytest.approx(expected.tolist())
+    assert seen[3]["c"] < seen[3]["a"] < seen[3]["b"]  # ratios 0.5, 0.8, 1.0: the fastest learner gets least
+
+
+# ----- RLW -------------------------------------------------------------------------------------
+def test_rlw_weights_are_random_per_step_sum_to_task_count_and_follow_the_seed() -> None:
+    p = nn.Parameter(torch.zeros(1))
+
+    def draws(seed: int) -> list[dict[str, float]]:
+        torch.manual_seed(seed)
+        m = RLW(_tasks("a", "b", "c"))
+        return [m.backward({t: p.sum() + 1 for t in "abc"}, StepContext(shared=[p])) for _ in range(5)]
+
+    first = draws(7)
+    for w in first:
+        assert sum(w.values()) == pytest.approx(3.0)
+        assert all(v > 0 for v in w.values())
+    assert len({round(w["a"], 9) for w in first}) == 5  # a fresh draw every step
+    assert draws(7) == first  # and reproducible from the seed
+    assert draws(8) != first
+
+
+# ----- FAMO ------------------------------------------------------------------------------------
+def test_famo_decreases_all_losses_at_the_same_rate_in_log_space() -> None:
+    """Two decoupled quadratics of very different scale: plain summing shrinks the steep one's
+    log-loss far faster; FAMO keeps the two log-loss decreases close."""
+
+    def run(weighting: nn.Module | None) -> np.ndarray:
+        theta = nn.Parameter(torch.tensor([1.0, 1.0]))
+        opt = torch.optim.SGD([theta], lr=0.004)
+        first = None
+        for _ in range(150):
+            losses = {"a": 100 * theta[0] ** 2 + 1e-3, "b": 0.5 * theta[1] ** 2 + 1e-3}
+            now = np.array([float(v.detach()) for v in losses.values()])
+            first = now if first is None else first
+            if weighting is None:
+                sum(losses.values()).backward()
+            else:
+                weighting.backward(losses, StepContext(shared=[theta]))
+            opt.step()
+            opt.zero_grad()
+        return np.log(first) - np.log(now)  # log-loss decrease per task
+
+    plain = run(None)
+    famo = run(FAMO(_tasks("a", "b")))
+    assert plain[0] / plain[1] > 5  # the steep task runs away under a plain sum
+    assert 0.5 < famo[0] / famo[1] < 2.0  # FAMO: comparable rates
+    assert (famo > 0.5).all()  # and both actually decrease
+
+
+# ----- the shared contract: any subset of tasks, heads keep their own gradient -------------------
+class _Toy(nn.Module):
+    """encoder (shared) -> one linear head per task."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(4, 3)
+        self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in tasks})
+        self.x = torch.randn(16, 4)
+        self.y = {t: torch.randn(16) for t in tasks}
+
+    def losses(self, present: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        rep = self.enc(self.x)  # (B, 3)
+        return {t: ((self.heads[t](rep).squeeze(-1) - self.y[t]) ** 2).mean() for t in present}, rep
+
+
+def _grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params, strict=True)])
+
+
+ALL_TASKS = ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+@pytest.mark.parametrize("present", [["b"], ["a", "c"], ALL_TASKS])
+def test_every_method_copes_with_any_subset_of_tasks(name: str, present: list[str]) -> None:
+    toy = _Toy(ALL_TASKS)
+    m = build_weighting(name, _tasks(*ALL_TASKS))
+    shared = list(toy.enc.parameters())
+    specific = list(toy.heads.parameters())
+    for step in range(3):  # stateful methods (DWA, FAMO, GradNorm) see a history
+        for q in toy.parameters():
+            q.grad = None
+        losses, rep = toy.losses(present)
+        own = {t: _grad(losses[t], list(toy.heads[t].parameters())) for t in present}
+        g_shared = {t: _grad(losses[t], shared) for t in present}
+        w = m.backward(losses, StepContext(shared=shared, specific=specific, rep=rep, epoch=step, step=step))
+        assert set(w) == set(present) and all(math.isfinite(v) for v in w.values())
+        assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in shared)
+        for t in ALL_TASKS:
+            head_grad = [q.grad for q in toy.heads[t].parameters()]
+            if t not in present:
+                assert all(g is None for g in head_grad)  # an absent task's head is untouched
+            elif isinstance(m, GradientWeighting):  # gradient methods: own task's gradient only
+                assert torch.allclose(torch.cat([g.flatten() for g in head_grad]), own[t], atol=1e-6)
+        if isinstance(m, GradientWeighting):  # the shared gradient is sum_t c_t g_t, c as returned
+            expected = sum(w[t] * g_shared[t] for t in present)
+            got = torch.cat([q.grad.flatten() for q in shared])
+            assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "params"),
+    [(PCGrad, GradientParams(gradients="representation")), (CAGrad, CAGradParams(gradients="representation")), (MGDA, MGDAParams())],
+)
+def test_gradient_methods_run_on_the_representation_too(cls: type, params: GradientParams) -> None:
+    toy = _Toy(ALL_TASKS)
+    m = cls(_tasks(*ALL_TASKS), params)
+    assert m.gradients == "representation"
+    losses, rep = toy.losses(ALL_TASKS)
+    with pytest.raises(ValueError, match="StepContext.rep"):
+        m.backward(losses, StepContext(shared=list(toy.enc.parameters())))
+    m.backward(losses, StepContext(shared=list(toy.enc.parameters()), rep=rep))
+    assert toy.enc.weight.grad is not None and torch.isfinite(toy.enc.weight.grad).all()
+
+
+# ----- typed hyperparameters ------------------------------------------------------------------
+def _raw(train: dict) -> dict:
+    return {
+        "data": {"train": "x", "val": "y"},
+        "features": [{"name": "p", "type": "dense"}],
+        "tasks": [{"name": "ctr", "type": "binary", "label": "click"}],
+        "train": train,
+    }
+
+
+def test_weighting_hyperparameters_are_typed_and_reach_the_method() -> None:
+    cfg = parse_config(_raw({"weighting": "cagrad", "weighting_params": {"cagrad": {"c": 0.0}, "dwa": {"temperature": 5}}}))
+    m = build_weighting(cfg.train.weighting, cfg.tasks, cfg.train.weighting_params)
+    assert isinstance(m, CAGrad) and m.c == 0.0
+    dwa = build_weighting("dwa", cfg.tasks, cfg.train.weighting_params)
+    assert isinstance(dwa, DWA) and dwa.temperature == 5
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"gradnorm": {"alpha": -1}}, "train.weighting_params.gradnorm.alpha"),
+        ({"cagrad": {"cc": 1}}, "train.weighting_params.cagrad.cc: unknown key"),
+        ({"pcgrad": {"gradients": "everywhere"}}, "train.weighting_params.pcgrad.gradients"),
+        ({"nash": {}}, "train.weighting_params.nash: unknown key"),
+    ],
+)
+def test_bad_weighting_hyperparameter_is_an_error_naming_the_key(params: dict, message: str) -> None:
+    with pytest.raises(RankerError, match=message.replace(".", r"\.")):
+        parse_config(_raw({"weighting_params": params}), "cfg.yaml")
+
+
+def test_unknown_weighting_lists_the_valid_ones() -> None:
+    from ranker.training.trainer import Trainer
+
+    cfg = parse_config(_raw({"weighting": "nash_mtl"}))
+    with pytest.raises(RankerError, match=r"train\.weighting: unknown weighting 'nash_mtl'; valid: static, uncertainty, gradnorm"):
+        Trainer(cfg, progress=False)
+
+
+# ----- end to end -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_logs(tmp_path_factory: pytest.TempPathFactory):
+    path = write_logs(tmp_path_factory.mktemp("wlogs"), rows=1200)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {"architecture": "mmoe", "experts": 2, "expert_dims": [8], "tower_dims": [4]}
+    raw["train"].update({"epochs": 1, "batch_size": 300, "threads": 1, "diagnostics_batches": 1, "patience": 1})
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_every_method_trains_end_to_end(name: str, small_logs, tmp_path) -> None:
+    from ranker.training.trainer import Trainer
+
+    cfg = load_config(small_logs)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"weighting": name})})
+    res = Trainer(cfg, progress=False, log=lambda s: None).run(tmp_path / "b")
+    h = res.history[0]
+    assert set(h["weights"]) == {"ctr", "cvr", "watch"}
+    assert all(math.isfinite(v) and v >= 0 for v in h["weights"].values())
+    assert all(math.isfinite(v) for v in h["train_loss"].values())
+    assert 0.0 <= res.metrics["test"]["ctr"]["auc"] <= 1.0
+
+
+def test_a_task_with_a_dead_gradient_does_not_freeze_mgda_or_gradnorm() -> None:
+    p = nn.Parameter(torch.zeros(2))
+    grads = [[0.0, 0.0], [1.0, 0.5], [0.2, 1.0]]  # t0: a dead tower, no gradient at all
+    w = MGDA(_tasks("t0", "t1", "t2"), MGDAParams(gradients="parameters", normalization="l2")).backward(
+        _linear_losses(p, grads), StepContext(shared=[p]))
+    assert w["t0"] == 0.0 and w["t1"] + w["t2"] == pytest.approx(1.0)
+    assert float(p.grad.norm()) > 0.1  # the live tasks still move the shared parameters
+    m = GradNorm(_tasks("t0", "t1", "t2"), GradNormParams(gradients="parameters"))
+    m.backward(_linear_losses(p, grads), StepContext(shared=[p]))
+    assert torch.isfinite(m.logits.grad).all()
