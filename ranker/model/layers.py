@@ -64,14 +64,17 @@ class ExpertBank(nn.Module):
         b0 = self.b0 if idx is None else self.b0[idx]  # (k, d)
         k, d = w0.shape[1], w0.shape[2]
         if x.dim() == 2:
-            h = (x @ w0.reshape(self.in_dim, k * d)).view(-1, k, d).transpose(0, 1)  # (k, B, d)
+            # bias fused into the GEMM; ReLU in place (neither addmm nor baddbmm needs its output
+            # for backward), which saves two passes over the largest activation
+            h = torch.addmm(b0.reshape(k * d), x, w0.reshape(self.in_dim, k * d))  # (B, k*d)
+            h = torch.relu_(h).view(-1, k, d).transpose(0, 1)  # (k, B, d)
         else:
-            h = torch.einsum("kbi,kid->kbd", x, w0.transpose(0, 1))
-        h = self.dropout(torch.relu(h + b0.unsqueeze(1)))
+            h = torch.relu_(torch.baddbmm(b0.unsqueeze(1), x, w0.transpose(0, 1)))  # (k, B, d)
+        h = self.dropout(h)
         for w, b in zip(self.ws, self.bs, strict=True):
             w = w if idx is None else w[idx]
             b = b if idx is None else b[idx]
-            h = self.dropout(torch.relu(torch.baddbmm(b.unsqueeze(1), h, w)))  # (k, B, d_next)
+            h = self.dropout(torch.relu_(torch.baddbmm(b.unsqueeze(1), h, w)))  # (k, B, d_next)
         return h
 
 
