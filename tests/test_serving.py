@@ -426,6 +426,35 @@ def test_request_in_flight_finishes_on_its_model_and_loop_stays_free(bundle_path
     assert after["model_version"] == new.version
 
 
+def test_overload_sheds_with_503_instead_of_queueing(bundle_path: Path) -> None:
+    """With every worker busy and the wait queue full, /predict answers 503 at once."""
+    with serve(bundle_path, concurrency=1, max_queue=0) as s:
+        parser = s.state.current.parser
+        entered, release = threading.Event(), threading.Event()
+        real_parse = parser.parse
+
+        def blocking_parse(body: bytes) -> pa.Table:
+            entered.set()
+            assert release.wait(10)
+            return real_parse(body)
+
+        parser.parse = blocking_parse  # type: ignore[method-assign]
+        result: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: result.update(r=s.client.post("/predict?tasks=ctr", json=_items(2))))
+        worker.start()
+        assert entered.wait(10)
+        shed = s.client.post("/predict?tasks=ctr", json=_items(2))
+        release.set()
+        worker.join(10)
+        parser.parse = real_parse  # type: ignore[method-assign]
+        after = s.client.post("/predict?tasks=ctr", json=_items(2))
+        metrics = s.client.get("/metrics").text
+    assert shed.status_code == 503 and shed.json()["reason"] == "overloaded"
+    assert result["r"].status_code == 200 and after.status_code == 200
+    assert "ranker_requests_shed_total 1.0" in metrics
+    assert 'ranker_requests_total{status="5xx"} 1.0' in metrics
+
+
 # ---------------------------------------------------------------- settings
 
 

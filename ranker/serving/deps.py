@@ -49,6 +49,10 @@ class ServingState:
         ``settings.concurrency`` requests at once; the rest wait without blocking the loop."""
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        waiting = self._limiter.statistics().tasks_waiting
+        if self._limiter.available_tokens == 0 and waiting >= self.settings.max_queue:
+            self.metrics.shed.inc()
+            raise ServingError(503, "overloaded", "request", f"{waiting} requests already wait for a worker; retry later")
         return await anyio.to_thread.run_sync(self._predict, loaded, body, tasks, limiter=self._limiter)
 
     def _predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:

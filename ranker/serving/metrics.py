@@ -93,6 +93,7 @@ class ServingMetrics:
         self.invalid = Counter("ranker_invalid_requests", "Refused /predict requests by reason.", ["reason"], registry=r)
         self.model_info = Gauge("ranker_model_info", "The model being served (value 1).", ["version", "architecture"], registry=r)
         self.ready = Gauge("ranker_ready", "1 when the model is loaded and warm.", registry=r)
+        self.shed = Counter("ranker_requests_shed", "/predict requests refused with 503: too many already waiting for a worker.", registry=r)
         r.register(ScoreCollector(current))
         for s in STATUS_CLASSES:
             self.requests.labels(s)

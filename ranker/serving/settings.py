@@ -45,6 +45,9 @@ class ServingSettings(BaseModel):
     max_items: int = Field(default=10_000, gt=0)  # candidates per /predict request
     max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger bodies get 413 before parsing
     concurrency: int = Field(default_factory=_default_concurrency, gt=0)  # requests featurized/scored at once
+    # requests allowed to wait for a worker; past that /predict sheds load with a 503 rather than
+    # queueing without bound (every waiting request holds its body in memory)
+    max_queue: int = Field(default=256, ge=0)
     admin_token: SecretStr | None = None  # None: POST /admin/reload answers 404
     drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi
     warmup_rows: int = Field(default=1_000, gt=0)  # largest warm-up batch (capped at max_items) before ready
