@@ -1,5 +1,8 @@
 """The server's state and every FastAPI dependency, in one module.
 
+Dependencies are ``async def`` although none awaits: FastAPI runs a plain ``def`` dependency in
+the thread pool, and four thread hops per request cost more than the work they do.
+
 ``ServingState.current`` is the one reference to the ``LoadedModel`` being served. A request
 pins it once (``pinned_model``, cached per request by FastAPI) and uses that object to the end,
 so a reload, which assigns a new object, never changes a request halfway.
@@ -78,14 +81,14 @@ class ServingState:
             return old, new
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
     return request.app.state.serving
 
 
 State = Annotated[ServingState, Depends(get_state)]
 
 
-def pinned_model(state: State) -> LoadedModel:
+async def pinned_model(state: State) -> LoadedModel:
     """The model this request uses from start to end."""
     return state.current
 
@@ -93,7 +96,7 @@ def pinned_model(state: State) -> LoadedModel:
 Pinned = Annotated[LoadedModel, Depends(pinned_model)]
 
 
-def check_content_length(request: Request, state: State) -> None:
+async def check_content_length(request: Request, state: State) -> None:
     """413 from the header alone, before any of the body is read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
@@ -116,7 +119,7 @@ async def body_bytes(request: Request, state: State) -> bytes:
     return b"".join(chunks)
 
 
-def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(description="comma-separated task names; default all")] = None) -> list[str]:
+async def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(description="comma-separated task names; default all")] = None) -> list[str]:
     return loaded.resolve_tasks(tasks)
 
 
@@ -124,7 +127,7 @@ Body = Annotated[bytes, Depends(body_bytes)]
 Tasks = Annotated[list[str], Depends(requested_tasks)]
 
 
-def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
     """404 while no admin token is configured; 401 unless ``Authorization: Bearer <token>``."""
     token = state.settings.admin_token
     if token is None:
