@@ -46,7 +46,6 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from ranker.bundle import load_bundle
-    from ranker.features import Featurizer
     from ranker.training.data import Loader, ParquetSource, label_columns
     from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
 
@@ -54,10 +53,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     cols = b.featurizer.columns + label_columns(b.config.tasks)
     src = ParquetSource(a.data, "--data", cols)
     assert src.schema is not None
-    kinds = Featurizer.check_schema(b.config.features, src.schema, str(src.files[0]))
-    for name, kind in kinds.items():
-        if kind != b.featurizer.kinds[name]:
-            raise RankerError(f"{src.files[0]}: feature {name!r} holds {kind} values but the model was trained on {b.featurizer.kinds[name]}")
+    b.featurizer.check_compatible(src.schema, str(src.files[0]))
     res = evaluate(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
     if a.json:
         print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics}, indent=2))

@@ -197,6 +197,14 @@ class Featurizer:
             kinds[f.name] = kind
         return kinds
 
+    def check_compatible(self, schema: pa.Schema, where: str) -> None:
+        """Check another data set's schema against this featurizer: every column present with a
+        usable type, and each hashed feature holding the same kind (int or string) as in
+        training, or its values would land in other buckets."""
+        for name, kind in self.check_schema(self.features, schema, where).items():
+            if kind != self.kinds[name]:
+                raise RankerError(f"{where}: feature {name!r} holds {kind} values but was trained on {self.kinds[name]} values")
+
     @classmethod
     def fit(cls, features: list[FeatureSpec], schema: pa.Schema, batches: Iterable[pa.RecordBatch], where: str) -> Featurizer:
         """One streaming pass over training batches: value kinds from the schema, dense moments."""

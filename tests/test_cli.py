@@ -139,3 +139,11 @@ def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
     assert p.stderr.strip() == f"ranker: error: {tmp_path / 'x.yaml'}: config file not found"
     p = subprocess.run([sys.executable, "-m", "ranker.cli", "train"], capture_output=True, text=True)
     assert p.returncode == 2 and "--config" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_data_whose_ids_changed_kind(tiny_bundle: Path, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = pq.read_table(tiny_logs.parent / "val")
+    t = t.set_column(t.schema.get_field_index("user_id"), "user_id", t.column("user_id").cast(pa.string()))
+    pq.write_table(t, tmp_path / "strings.parquet")
+    line = _err(*run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "strings.parquet")], capsys)[::2])
+    assert "strings.parquet: feature 'user_id' holds str values but was trained on int values" in line

@@ -144,10 +144,7 @@ class Trainer:
         featurizer, target_stats = self.fit_featurizer(train_src)
         for src in (val_src, test_src):
             if src is not None and src.schema is not None:
-                kinds = Featurizer.check_schema(cfg.features, src.schema, str(src.files[0]))
-                for name, kind in kinds.items():
-                    if kind != featurizer.kinds[name]:
-                        raise RankerError(f"{src.files[0]}: feature {name!r} holds {kind} values but {featurizer.kinds[name]} in data.train")
+                featurizer.check_compatible(src.schema, str(src.files[0]))
 
         model = MultiTaskRanker(cfg.features, cfg.tasks, cfg.model)
         for name, (mean, std) in target_stats.items():
