@@ -37,7 +37,6 @@ class StepContext:
     shared: list[nn.Parameter]
     epoch: int = 0
     step: int = 0
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
     specific: list[nn.Parameter] = field(default_factory=list)
     rep: torch.Tensor | None = None
 
