@@ -397,30 +397,41 @@ def test_broken_bundle_is_refused_and_old_model_keeps_serving(bundle_path: Path,
     assert scored.status_code == 200 and scored.json()["model_version"] == offline.version
 
 
+@contextmanager
+def _request_held_in_worker(s: Served) -> Iterator[dict[str, Any]]:
+    """A /predict request from another thread, held inside parsing (in the worker thread) until
+    the block exits; yields the dict that receives its response under "r"."""
+    parser = s.state.current.parser
+    entered, release = threading.Event(), threading.Event()
+    real_parse = parser.parse
+
+    def blocking_parse(body: bytes) -> pa.Table:
+        entered.set()
+        assert release.wait(10)
+        return real_parse(body)
+
+    parser.parse = blocking_parse  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(r=s.client.post("/predict?tasks=ctr", json=_items(2))))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        yield result
+    finally:
+        release.set()
+        worker.join(10)
+        parser.parse = real_parse  # type: ignore[method-assign]
+
+
 def test_request_in_flight_finishes_on_its_model_and_loop_stays_free(bundle_path: Path, offline: Bundle) -> None:
     """A request blocked inside inference keeps its pinned model across a reload, and the event
     loop keeps answering meanwhile (inference runs in a worker thread)."""
     new = load_bundle(shared_bottom_bundle())
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with serve(bundle_path, admin_token=TOKEN) as s:
-        parser = s.state.current.parser
-        entered, release = threading.Event(), threading.Event()
-        real_parse = parser.parse
-
-        def blocking_parse(body: bytes) -> pa.Table:
-            entered.set()
-            assert release.wait(10)
-            return real_parse(body)
-
-        parser.parse = blocking_parse  # type: ignore[method-assign]
-        result: dict[str, Any] = {}
-        worker = threading.Thread(target=lambda: result.update(r=s.client.post("/predict?tasks=ctr", json=_items(2))))
-        worker.start()
-        assert entered.wait(10)
-        assert s.client.get("/healthz").status_code == 200  # the loop is not blocked
-        assert s.client.post("/admin/reload", json={"bundle": str(shared_bottom_bundle())}, headers=auth).status_code == 200
-        release.set()
-        worker.join(10)
+        with _request_held_in_worker(s) as result:
+            assert s.client.get("/healthz").status_code == 200  # the loop is not blocked
+            assert s.client.post("/admin/reload", json={"bundle": str(shared_bottom_bundle())}, headers=auth).status_code == 200
         after = s.client.post("/predict?tasks=ctr", json=_items(2)).json()
     assert result["r"].json()["model_version"] == offline.version
     assert after["model_version"] == new.version
@@ -429,24 +440,8 @@ def test_request_in_flight_finishes_on_its_model_and_loop_stays_free(bundle_path
 def test_overload_sheds_with_503_instead_of_queueing(bundle_path: Path) -> None:
     """With every worker busy and the wait queue full, /predict answers 503 at once."""
     with serve(bundle_path, concurrency=1, max_queue=0) as s:
-        parser = s.state.current.parser
-        entered, release = threading.Event(), threading.Event()
-        real_parse = parser.parse
-
-        def blocking_parse(body: bytes) -> pa.Table:
-            entered.set()
-            assert release.wait(10)
-            return real_parse(body)
-
-        parser.parse = blocking_parse  # type: ignore[method-assign]
-        result: dict[str, Any] = {}
-        worker = threading.Thread(target=lambda: result.update(r=s.client.post("/predict?tasks=ctr", json=_items(2))))
-        worker.start()
-        assert entered.wait(10)
-        shed = s.client.post("/predict?tasks=ctr", json=_items(2))
-        release.set()
-        worker.join(10)
-        parser.parse = real_parse  # type: ignore[method-assign]
+        with _request_held_in_worker(s) as result:
+            shed = s.client.post("/predict?tasks=ctr", json=_items(2))
         after = s.client.post("/predict?tasks=ctr", json=_items(2))
         metrics = s.client.get("/metrics").text
     assert shed.status_code == 503 and shed.json()["reason"] == "overloaded"
