@@ -163,6 +163,7 @@ class Trainer:
         val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH)
 
         best, best_state, best_epoch, bad_epochs = float("-inf"), None, -1, 0
+        best_val: EvalResult | None = None  # the best epoch's scores: reference bins, reported val metrics
         history: list[dict] = []
         rows_done, train_seconds, step = 0, 0.0, 0
         for epoch in range(tc.epochs):
@@ -209,6 +210,7 @@ class Trainer:
             if score > best:
                 best, best_epoch, bad_epochs = score, epoch + 1, 0
                 best_state = copy.deepcopy(model.state_dict())
+                best_val = val
             else:
                 bad_epochs += 1
                 if bad_epochs >= tc.patience:
@@ -217,7 +219,8 @@ class Trainer:
 
         if best_state is not None:
             model.load_state_dict(best_state)
-        val = evaluate(model, val_loader, cfg.tasks)
+        # no second pass over val: the best epoch's evaluation is the restored model's
+        val = best_val if best_val is not None else evaluate(model, val_loader, cfg.tasks)
         test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH), cfg.tasks).metrics if test_src else {}
         reference = {t: reference_histogram(s) for t, s in val.scores.items()}
         metrics = {
