@@ -235,6 +235,11 @@ BAD_REQUESTS = [
     ("null_body", "null", "bad_type", "body"),  # crashes pyarrow 26's JSON reader if it gets there
     ("invalid_utf8", b'{"items": [{"device": "\xff"}]}', "bad_json", "body"),
     ("hex_id", {"items": [{"user_id": "0x10"}]}, "bad_type", "items[0].user_id"),  # decimal strings only
+    ("id_overflow_integer", '{"items": [{"user_id": 18446744073709551616}]}', "bad_type", "items[0].user_id"),
+    ("bool_for_dense", {"items": [{"price": True}]}, "bad_type", "items[0].price"),
+    ("string_for_list", {"items": [{"tags": "a"}]}, "bad_type", "items[0].tags"),
+    ("lone_surrogate", '{"items": [{"device": "\\ud800"}]}', "bad_json", "body"),
+    ("items_null", {"items": None}, "bad_type", "items"),
 ]
 
 

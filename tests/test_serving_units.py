@@ -60,7 +60,8 @@ def test_tracker_skips_non_finite_scores_and_checks_shapes() -> None:
 
 def test_encoded_scores_round_trip_float32_exactly_and_validate() -> None:
     rng = np.random.default_rng(2)
-    scores = {"ctr": rng.random(1000).astype(np.float32), "watch": (rng.lognormal(3, 2, 1000)).astype(np.float32)}
+    both = rng.random((1000, 2)).astype(np.float32)
+    scores = {"ctr": both[:, 0], "watch": (rng.lognormal(3, 2, 1000)).astype(np.float32)}  # a strided view too
     body = encode_predict_response("v1", scores)
     parsed = PredictResponse.model_validate_json(body)
     assert parsed.model_version == "v1" and list(parsed.scores) == ["ctr", "watch"]
@@ -96,11 +97,23 @@ def test_parser_reads_by_source_column_and_both_id_conventions(parser: RequestPa
         assert t.column("user").type == pa.int64()
 
 
-def test_parser_fast_path_learns_the_id_convention(parser: RequestParser) -> None:
-    parser.parse(b'{"items": [{"user": "12"}]}')
-    assert ("items", "user") in parser._string_ids  # the next string-id request parses once
-    parser.parse(b'{"items": [{"user": 12}]}')
-    assert ("items", "user") not in parser._string_ids
+def test_parser_fast_path_takes_both_id_conventions_and_slow_path_the_rest(parser: RequestParser, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow: list[bytes] = []
+    real_slow = parser._slow
+    monkeypatch.setattr(parser, "_slow", lambda body: slow.append(body) or real_slow(body))
+    big = 2**62 + 1
+    for body in (
+        {"items": [{"user": big, "topics": [1, 2]}]},
+        {"items": [{"user": str(big), "topics": ["1", "-2"]}]},
+        {"context": {"user": str(big)}, "items": [{"user": 5}, {}]},  # each scope has its own convention
+    ):
+        parser.parse(json.dumps(body).encode())
+    assert slow == []
+    mixed = json.dumps({"items": [{"user": 1}, {"user": str(big)}]}).encode()  # one column, both conventions
+    assert parser.parse(mixed).column("user").to_pylist() == [1, big]
+    boolean = b'{"items": [{"user": true}]}'  # booleans hash as 0/1, as in training
+    assert parser.parse(boolean).column("user").to_pylist() == [1]
+    assert slow == [mixed, boolean]
 
 
 def test_parser_item_values_win_over_context(parser: RequestParser) -> None:

@@ -20,6 +20,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.background import BackgroundTask
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ranker import __version__
@@ -63,7 +64,7 @@ router = APIRouter()
 )
 async def predict(state: State, loaded: Pinned, tasks: Tasks, body: Body) -> Response:
     prediction = await state.predict(loaded, body, tasks)
-    return Response(prediction.body, media_type="application/json")
+    return Response(prediction.body, media_type="application/json", background=BackgroundTask(state.observe, loaded, prediction))
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -96,7 +97,8 @@ async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_requ
 
 
 class PredictMetricsMiddleware:
-    """Counts /predict responses by status class and times them, including 413/422 answers
+    """Counts /predict responses by status class and times them up to the last body byte
+    (background bookkeeping after that is not the caller's wait), including 413/422 answers
     and failures that never reach a handler (a raw ASGI middleware: no per-request task)."""
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
@@ -106,18 +108,20 @@ class PredictMetricsMiddleware:
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), 500  # an exception before the response counts as 5xx
+        start, status, end = time.perf_counter(), 500, None  # an exception before the response counts as 5xx
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, end
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                end = time.perf_counter()
 
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.request_done(status, time.perf_counter() - start)
+            self.metrics.request_done(status, (end or time.perf_counter()) - start)
 
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:

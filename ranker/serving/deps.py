@@ -56,12 +56,12 @@ class ServingState:
         if self._limiter.available_tokens == 0 and waiting >= self.settings.max_queue:
             self.metrics.shed.inc()
             raise ServingError(503, "overloaded", "request", f"{waiting} requests already wait for a worker; retry later")
-        return await anyio.to_thread.run_sync(self._predict, loaded, body, tasks, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(loaded.predict, body, tasks, limiter=self._limiter)
 
-    def _predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:
-        prediction = loaded.predict(body, tasks)
+    async def observe(self, loaded: LoadedModel, prediction: Prediction) -> None:
+        """Count a served prediction (scores, drift windows, timings): run on the event loop
+        once the response is sent, so the caller does not wait for the bookkeeping."""
         self.metrics.observe(loaded, prediction)
-        return prediction
 
     async def reload(self, bundle: str) -> tuple[LoadedModel, LoadedModel]:
         """Load, probe and warm ``bundle`` off the loop, then swap it in; returns (old, new).
