@@ -316,7 +316,8 @@ def server_stages(base: str) -> str:
         return v.get((f"{name}_sum", key), 0.0) / count * 1e3 if count else float("nan")
 
     heads = ", ".join(f"{t} {mean('ranker_task_head_duration_seconds', task=t):.2f}" for t in ("ctr", "cvr", "watch"))
-    return (f"request {mean('ranker_request_duration_seconds'):.2f} ms, encoder+trunk "
+    stages = ", ".join(f"{s} {mean('ranker_request_stage_duration_seconds', stage=s):.2f}" for s in ("parse", "featurize", "encode"))
+    return (f"request {mean('ranker_request_duration_seconds'):.2f} ms, {stages} ms, encoder+trunk "
             f"{mean('ranker_encoder_duration_seconds'):.2f} ms, heads {heads} ms")
 
 

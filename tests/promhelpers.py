@@ -57,6 +57,7 @@ CONTRACT_HISTOGRAMS = (
     "ranker_encoder_duration_seconds",
     "ranker_task_head_duration_seconds",
     "ranker_task_score",
+    "ranker_request_stage_duration_seconds",  # beyond the list: parse/featurize/encode
 )
 CONTRACT_GAUGES = (
     "ranker_task_score_reference",

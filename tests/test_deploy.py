@@ -738,6 +738,12 @@ class _FakeRanker:
         )
         yield histogram("ranker_request_duration_seconds", [], [[]], (0.01, 0.05, 0.25))
         yield histogram("ranker_encoder_duration_seconds", [], [[]], (0.005, 0.01))
+        yield histogram(
+            "ranker_request_stage_duration_seconds",
+            ["stage"],
+            [["parse"], ["featurize"], ["encode"]],
+            (0.0005, 0.001),
+        )
         yield counter("ranker_task_requests_total", ["task"], [([t], 60 * n) for t in tasks])
         yield counter("ranker_task_items_total", ["task"], [([t], 600 * n) for t in tasks])
         yield histogram(

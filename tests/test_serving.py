@@ -304,6 +304,8 @@ def test_every_series_exists_at_zero_from_start_up(bundle_path: Path, offline: B
             assert s.value("ranker_invalid_requests_total", reason=reason) == 0
         for status in ("2xx", "4xx", "5xx"):
             assert s.value("ranker_requests_total", status=status) == 0
+        for stage in ("parse", "featurize", "encode"):
+            assert s.value("ranker_request_stage_duration_seconds_count", stage=stage) == 0
         assert s.value("ranker_model_info", version=offline.version, architecture="mmoe") == 1
         assert s.value("ranker_ready") == 1
 
@@ -316,6 +318,9 @@ def test_metric_values_after_known_requests(bundle_path: Path, offline: Bundle) 
         assert s.value("ranker_requests_total", status="2xx") == 3
         assert s.value("ranker_request_duration_seconds_count") == 3
         assert s.value("ranker_encoder_duration_seconds_count") == 3
+        for stage in ("parse", "featurize", "encode"):
+            assert s.value("ranker_request_stage_duration_seconds_count", stage=stage) == 3
+            assert s.value("ranker_request_stage_duration_seconds_sum", stage=stage) > 0
         assert s.value("ranker_task_requests_total", task="ctr") == 3
         assert s.value("ranker_task_requests_total", task="cvr") == 1
         assert s.value("ranker_task_items_total", task="ctr") == 8

@@ -29,6 +29,7 @@ from ranker.serving.predictor import LoadedModel, Prediction
 
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGES = ("parse", "featurize", "encode")  # request work outside the model, timed per request
 HEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -84,6 +85,13 @@ class ServingMetrics:
             buckets=HEAD_BUCKETS,
             registry=r,
         )
+        self.stage_duration = Histogram(
+            "ranker_request_stage_duration_seconds",
+            "Seconds per request in the work around the model: JSON parse, featurizing, response encoding.",
+            ["stage"],
+            buckets=HEAD_BUCKETS,
+            registry=r,
+        )
         self.task_requests = Counter("ranker_task_requests", "Requests that asked for the task.", ["task"], registry=r)
         self.task_items = Counter("ranker_task_items", "Items scored for the task.", ["task"], registry=r)
         self.head_duration = Histogram(
@@ -99,6 +107,8 @@ class ServingMetrics:
             self.requests.labels(s)
         for reason in REASONS:
             self.invalid.labels(reason)
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
 
     def model_loaded(self, new: LoadedModel, old: LoadedModel | None) -> None:
         """Create the new model's series at 0 and move ``ranker_model_info`` to it."""
@@ -117,8 +127,10 @@ class ServingMetrics:
         self.request_duration.observe(seconds)
 
     def observe(self, loaded: LoadedModel, p: Prediction) -> None:
-        """Record one scored request (called in the worker thread, off the event loop)."""
+        """Record one scored request (called on the event loop once the response is sent)."""
         self.encoder_duration.observe(p.shared_seconds)
+        for stage, seconds in p.stage_seconds.items():
+            self.stage_duration.labels(stage).observe(seconds)
         for t in p.tasks:
             self.task_requests.labels(t).inc()
             self.task_items.labels(t).inc(p.n_items)

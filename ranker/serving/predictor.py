@@ -92,6 +92,7 @@ class Prediction:
     missing: dict[str, int]  # items with the feature missing, per feature name
     shared_seconds: float
     head_seconds: dict[str, float]
+    stage_seconds: dict[str, float]  # the work around the model: {"parse", "featurize", "encode"}
     body: bytes  # the JSON response
 
 
@@ -133,13 +134,18 @@ class LoadedModel:
 
     def predict(self, body: bytes, tasks: Sequence[str]) -> Prediction:
         """Parse, featurize (column-wise, the training featurizer) and score one request."""
+        t0 = time.perf_counter()
         table = self.parser.parse(body)  # (n, one column per feature source)
+        t1 = time.perf_counter()
         batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
         if self.device.type != "cpu":
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        t2 = time.perf_counter()
         with torch.inference_mode(), self.timer.recording() as times:
             out = self.model.predict(batch, tasks)  # {task: (n,)}
         scores = {t: s.float().cpu().numpy() for t, s in out.items()}
+        t3 = time.perf_counter()
+        response = encode_predict_response(self.version, scores)
         return Prediction(
             tasks=list(tasks),
             n_items=table.num_rows,
@@ -147,7 +153,8 @@ class LoadedModel:
             missing=self.bundle.featurizer.missing_counts(table),
             shared_seconds=times.shared,
             head_seconds=dict(times.heads),
-            body=encode_predict_response(self.version, scores),
+            stage_seconds={"parse": t1 - t0, "featurize": t2 - t1, "encode": time.perf_counter() - t3},
+            body=response,
         )
 
     def warm_up(self, rows: int) -> None:
