@@ -203,12 +203,18 @@ class RequestParser:
         """Decoded items and context (objects with one attribute ``f<j>`` per column, from
         msgspec or pydantic) -> the feature table, column by column."""
         out: dict[str, pa.Array] = {}
+        n = len(items)
         for c, get in zip(self.columns, self._getters, strict=True):
-            col = self._array(list(map(get, items)), c, "items")
+            values = list(map(get, items))
             value = get(ctx) if ctx is not None else None
-            if value is not None:
-                col = pc.coalesce(col, self._array([value], c, "context")[0])  # broadcast: the item's own value wins
-            out[c.source] = col
+            if value is None:
+                out[c.source] = self._array(values, c, "items")
+                continue
+            shared = self._array([value], c, "context")[0]
+            if values.count(None) == n:  # a context-only column (the usual case): no per-item values to read
+                out[c.source] = pa.repeat(shared, n)
+            else:  # broadcast: the item's own value wins
+                out[c.source] = pc.coalesce(self._array(values, c, "items"), shared)
         return pa.table(out)
 
     def _array(self, values: list[Any], c: Column, scope: Scope) -> pa.Array:
