@@ -81,7 +81,10 @@ def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) 
     else:
         enc = pc.dictionary_encode(arr)
         uniq = enc.dictionary.to_pylist()
-        table = bucketize(np.array([hash_str(s) for s in uniq], dtype=np.uint64), buckets)
+        cached = [_str_cache.get(s) for s in uniq]  # one dict lookup per distinct value: the usual case
+        if None in cached:
+            cached = [hash_str(s) if h is None else h for s, h in zip(uniq, cached, strict=True)]
+        table = bucketize(np.array(cached, dtype=np.uint64), buckets)
         idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)
         out = table[idx] if len(uniq) else np.zeros(n, dtype=np.int64)
     if arr.null_count:
