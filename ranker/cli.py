@@ -76,6 +76,7 @@ def _cmd_compare(a: argparse.Namespace) -> None:
 
 
 def _cmd_serve(a: argparse.Namespace) -> None:
+    import gc
     import logging
 
     import prometheus_client
@@ -92,6 +93,14 @@ def _cmd_serve(a: argparse.Namespace) -> None:
     prometheus_client.disable_created_metrics()  # *_created series: noise for every scrape
     torch.set_num_threads(settings.intra_op_threads)
     app = create_app(settings)  # a bundle that cannot be served fails here, before binding the port
+    # A request allocates thousands of short-lived objects (freed by reference counting, no
+    # cycles), which at CPython's default thresholds set off two or three collections per
+    # request and now and then a full one over torch's and FastAPI's ~200k long-lived objects.
+    # Freeze what is loaded now out of the collector's reach and let the young generation grow:
+    # p99 of 1,000-candidate requests at concurrency 8 (hey, 2 cores) fell from 108-144 to 44-50 ms.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=a.log_level, access_log=a.access_log)
 
 

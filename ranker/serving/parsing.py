@@ -140,8 +140,11 @@ def _decoder(columns: list[Column]) -> msgspec.json.Decoder:
         value = i64 | str if c.kind == "int" else str
         return list[value | None] | None if c.type == "multi_hot" else value | None  # type: ignore[operator]
 
-    item = msgspec.defstruct(
-        "PredictItem", [(f"f{i}", typ(c), None) for i, c in enumerate(columns)], rename={f"f{i}": c.source for i, c in enumerate(columns)}
+    item = msgspec.defstruct(  # gc=False: items hold only scalars and lists, never a cycle
+        "PredictItem",
+        [(f"f{i}", typ(c), None) for i, c in enumerate(columns)],
+        rename={f"f{i}": c.source for i, c in enumerate(columns)},
+        gc=False,
     )
     body = msgspec.defstruct("PredictBody", [("items", list[item]), ("context", item | None, None)])  # type: ignore[valid-type]
     return msgspec.json.Decoder(body)
