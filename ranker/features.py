@@ -62,6 +62,15 @@ def hash_str(value: str) -> int:
     return h
 
 
+def _hash_strs(values: list[str]) -> list[int]:
+    """``hash_str`` of each value: one cache lookup per value inline (the usual case), and the
+    function itself only for the misses."""
+    hashes = [_str_cache.get(v) for v in values]
+    if None in hashes:
+        hashes = [hash_str(v) if h is None else h for v, h in zip(values, hashes, strict=True)]
+    return hashes  # type: ignore[return-value]
+
+
 def bucketize(hashes: np.ndarray, buckets: int) -> np.ndarray:
     """uint64 hashes -> int64 buckets in 1..buckets (0 stays free for missing)."""
     return (hashes % np.uint64(buckets)).astype(np.int64) + 1
@@ -81,10 +90,7 @@ def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) 
     else:
         enc = pc.dictionary_encode(arr)
         uniq = enc.dictionary.to_pylist()
-        cached = [_str_cache.get(s) for s in uniq]  # one dict lookup per distinct value: the usual case
-        if None in cached:
-            cached = [hash_str(s) if h is None else h for s, h in zip(uniq, cached, strict=True)]
-        table = bucketize(np.array(cached, dtype=np.uint64), buckets)
+        table = bucketize(np.array(_hash_strs(uniq), dtype=np.uint64), buckets)
         idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)
         out = table[idx] if len(uniq) else np.zeros(n, dtype=np.int64)
     if arr.null_count:

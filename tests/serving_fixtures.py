@@ -14,8 +14,17 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from tests.promhelpers import free_port
 
 BIG = 2**60
 TASKS = ("ctr", "cvr", "watch")
@@ -128,3 +139,37 @@ def shared_bottom_bundle() -> Path:
     """A second, different bundle (another architecture and seed) for reload tests."""
     data = write_serving_data(_root() / "data_sb", rows=1500, architecture="shared_bottom", seed=1)
     return train_bundle(data, _root() / "shared_bottom")
+
+
+@contextmanager
+def ranker_serve(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[str]:
+    """A real ``ranker serve`` process on a free loopback port; yields its base URL once
+    /readyz answers 200, and stops it (Ctrl-C, then kill) on the way out. Output goes to ``log``."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ranker serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ranker serve not ready after {timeout:.0f}s:\n{log.read_text(errors='replace')}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -5,8 +5,6 @@ real Prometheus. Every panel query must return data for every task, and the reco
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,12 +15,12 @@ import pytest
 from tests.promhelpers import (
     api_get,
     dashboard_queries,
-    free_port,
     query,
     recorded_names,
     start_prometheus,
     wait_for_data,
 )
+from tests.serving_fixtures import ranker_serve
 
 
 def _post(url: str, body: object) -> int:
@@ -34,38 +32,10 @@ def _post(url: str, body: object) -> int:
         return e.code
 
 
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ranker serve exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError("ranker serve did not become ready")
-
-
 @pytest.fixture()
 def served(tiny_bundle: Path, tmp_path: Path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, proc)
-        yield base, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with ranker_serve(tiny_bundle, tmp_path / "serve.log") as base:
+        yield base, int(base.rsplit(":", 1)[1])
 
 
 def _items(n: int, shift: float = 0.0) -> list[dict]:
