@@ -128,16 +128,18 @@ def baseline_app(bundle_dir: str) -> Any:
 # ---------------------------------------------------------------- set-up
 
 
-def train_default_bundle(work: Path, rows: int) -> Path:
+def train_default_bundle(work: Path, rows: int, model: dict[str, Any] | None = None) -> Path:
     """The synthetic generator's default config (MMoE 8 experts [128, 64], towers [32], 9
-    features with a multi-hot, 3 tasks), trained for one epoch."""
+    features with a multi-hot, 3 tasks), trained for one epoch; ``model`` overrides model
+    settings (e.g. wider experts, to see how the serving overhead compares with a costlier forward)."""
     from ranker.config import load_config
     from ranker.training.synth import write_synthetic
     from ranker.training.trainer import Trainer
 
     cfg_path = write_synthetic(work / "data", rows=rows, seed=0)
     cfg = load_config(cfg_path)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1, "progress": False})})
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1, "progress": False}),
+                                 "model": cfg.model.model_validate({**cfg.model.model_dump(), **(model or {})})})
     Trainer(cfg, progress=False, log=lambda _s: None).run(work / "bundle")
     return work / "bundle"
 
@@ -321,11 +323,20 @@ def server_stages(base: str) -> str:
             f"{mean('ranker_encoder_duration_seconds'):.2f} ms, heads {heads} ms")
 
 
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 512,256") from None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, help="bundle to serve (default: train the synthetic default for 1 epoch)")
     p.add_argument("--data", type=Path, help="Parquet rows to build requests from (default: the synthetic test split)")
     p.add_argument("--train-rows", type=int, default=60_000)
+    p.add_argument("--expert-dims", type=_widths, help="expert layer widths of the trained model, e.g. 512,256 (default: the synthetic default's)")
+    p.add_argument("--tower-dims", type=_widths, help="tower layer widths of the trained model, e.g. 128,64")
     p.add_argument("--items", type=int, default=1000, help="candidates per request")
     p.add_argument("--requests", type=int, default=200, help="requests per load run (baseline: a quarter)")
     p.add_argument("--rounds", type=int, default=3, help="in-process / server c=1 alternations (this box is shared: noise)")
@@ -351,7 +362,8 @@ def main() -> None:
         bundle, data = a.bundle, a.data
         if bundle is None:
             t = time.perf_counter()
-            bundle = train_default_bundle(work, a.train_rows)
+            overrides = {k: v for k, v in (("expert_dims", a.expert_dims), ("tower_dims", a.tower_dims)) if v}
+            bundle = train_default_bundle(work, a.train_rows, overrides)
             data = data or work / "data" / "test"
             print(f"trained the synthetic default model for 1 epoch on {a.train_rows:,} rows in {time.perf_counter() - t:.0f}s")
         table, body = request_rows(bundle, data, a.items)
@@ -423,7 +435,7 @@ def main() -> None:
         for tasks, rs in ratios.items():
             for p50, ff, fw, full, paced in rs:
                 print(f"  tasks={tasks:<3} forward {fw:5.2f}  featurize+forward {ff:5.2f} (paced {paced:5.2f})  "
-                      f"json+featurize+forward+encode {full:5.2f}  | server p50 {p50:5.2f}")
+                      f"json+featurize+forward+encode {full:5.2f}  | server p50 {p50:5.2f} (forward + {p50 - fw:.2f})")
         get = {(r[0], r[1], r[2]): r for r in rows}
         print("\ngoals:")
         for tasks, rs in ratios.items():
