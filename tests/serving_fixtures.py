@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from tests.datagen import labels
 from tests.promhelpers import free_port
 
 BIG = 2**60
@@ -45,11 +46,7 @@ def serving_table(n: int, seed: int) -> pa.Table:
     user = rng.integers(0, 200, n)
     cat = rng.integers(0, 12, n)
     price = rng.lognormal(2.0, 1.0, n)
-    effect = np.sin(user * 1.7) * 1.5
-    logit = -1.0 + effect + (cat % 3 - 1) * 1.0 + 0.4 * np.log(price)
-    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    conv = click * (rng.random(n) < 1 / (1 + np.exp(-(effect - 0.5)))).astype(np.int64)
-    watch = np.exp(1.5 + 0.8 * effect + rng.normal(0, 0.5, n))
+    click, conv, watch = labels(rng, user, cat, price, bias=-1.0)
     k = rng.integers(0, 5, n)
     tags = [None if j == 4 else [f"t{(u + i) % 40}" for i in range(j)] for u, j in zip(user, k, strict=True)]
     topics = [[int(BIG + (c * 7 + i) % 25) for i in range(j % 3)] for c, j in zip(cat, k, strict=True)]
