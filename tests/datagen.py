@@ -12,25 +12,24 @@ import yaml
 BIG = 2**60  # ids far above 2^53: float64 would merge neighbours
 
 
-def labels(rng: np.random.Generator, user: np.ndarray, cat: np.ndarray, price: np.ndarray, bias: float) -> tuple[np.ndarray, ...]:
-    """(click, conversion, watch seconds) that depend on user, category and price,
-    so a model can learn them; conversions only where clicked."""
-    n = len(user)
+def impressions(rng: np.random.Generator, n: int, users: int, bias: float) -> tuple[np.ndarray, ...]:
+    """(user, category index, price, click, conversion, watch seconds): labels depend on user,
+    category and price, so a model can learn them; conversions only where clicked."""
+    user = rng.integers(0, users, n)
+    cat = rng.integers(0, 12, n)
+    price = rng.lognormal(2.0, 1.0, n)
     effect = np.sin(user * 1.7) * 1.5
     logit = bias + effect + (cat % 3 - 1) * 1.0 + 0.4 * np.log(price)
     click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
     conv = (click * (rng.random(n) < 1 / (1 + np.exp(-(effect - 0.5))))).astype(np.int64)
     watch = np.exp(1.5 + 0.8 * effect + rng.normal(0, 0.5, n))
-    return click, conv, watch
+    return user, cat, price, click, conv, watch
 
 
 def make_table(n: int, seed: int) -> pa.Table:
-    """Every feature kind, with nulls; labels from ``labels``."""
+    """Every feature kind, with nulls; rows from ``impressions``."""
     rng = np.random.default_rng(seed)
-    user = rng.integers(0, 300, n)
-    cat_idx = rng.integers(0, 12, n)
-    price = rng.lognormal(2.0, 1.0, n)
-    click, conv, watch = labels(rng, user, cat_idx, price, bias=-1.5)
+    user, cat_idx, price, click, conv, watch = impressions(rng, n, users=300, bias=-1.5)
     tags = [None if k == 5 else [f"t{(u + j) % 40}" for j in range(k)] for u, k in zip(user, rng.integers(0, 6, n))]
     price_col = pa.array(np.where(rng.random(n) < 0.05, np.nan, price), mask=rng.random(n) < 0.05)
     return pa.table({

@@ -33,20 +33,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from tests.datagen import labels
+from tests.datagen import BIG, impressions
 from tests.promhelpers import free_port
 
-BIG = 2**60
 TASKS = ("ctr", "cvr", "watch")
 
 
 def serving_table(n: int, seed: int) -> pa.Table:
     """Rows whose labels depend on user, category and price, so one epoch learns something."""
     rng = np.random.default_rng(seed)
-    user = rng.integers(0, 200, n)
-    cat = rng.integers(0, 12, n)
-    price = rng.lognormal(2.0, 1.0, n)
-    click, conv, watch = labels(rng, user, cat, price, bias=-1.0)
+    user, cat, price, click, conv, watch = impressions(rng, n, users=200, bias=-1.0)
     k = rng.integers(0, 5, n)
     tags = [None if j == 4 else [f"t{(u + i) % 40}" for i in range(j)] for u, j in zip(user, k, strict=True)]
     topics = [[int(BIG + (c * 7 + i) % 25) for i in range(j % 3)] for c, j in zip(cat, k, strict=True)]

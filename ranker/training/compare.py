@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -326,7 +327,19 @@ def plot(rep: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     tasks, rows = rep["tasks"], rep["multi"]
-    written = []
+    written: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
+    def per_variant(ax: Any, curves: list[list[float]]) -> None:
+        """One line per multi-task variant (``curves`` in row order) over epochs."""
+        for r, c in zip(rows, curves, strict=True):
+            ax.plot(range(1, len(c) + 1), c, marker=".", label=r["variant"])
+        ax.set_xlabel("epoch")
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
@@ -339,42 +352,27 @@ def plot(rep: dict, out: Path) -> list[str]:
         pad = (hi - lo) * 0.5 + 1e-6
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(f"{t} {rep['metric'][t]['name']} ({rep['split']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=100)
-    plt.close(fig)
-    written.append("metrics.png")
+    save(fig, "metrics.png")
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         c = rep["single"][t]["curve"]
         ax.plot(range(1, len(c) + 1), c, "k--", label="single")
-        for r in rows:
-            c = r["curves"][t]
-            ax.plot(range(1, len(c) + 1), c, marker=".", label=r["variant"])
-        ax.set_xlabel("epoch")
+        per_variant(ax, [r["curves"][t] for r in rows])
         ax.set_title(f"{t} val {rep['metric'][t]['name']}", fontsize=9)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
-    plt.close(fig)
-    written.append("learning_curves.png")
+    save(fig, "learning_curves.png")
 
     pairs = sorted({p for r in rows for p in r["grad_cosine_curves"]})
     if pairs:
         fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs) + 1, 3.2), squeeze=False)
         for ax, p in zip(axes[0], pairs, strict=True):
-            for r in rows:
-                c = r["grad_cosine_curves"].get(p, [])
-                ax.plot(range(1, len(c) + 1), c, marker=".", label=r["variant"])
+            per_variant(ax, [r["grad_cosine_curves"].get(p, []) for r in rows])
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_ylim(-1, 1)
-            ax.set_xlabel("epoch")
             ax.set_title(f"grad cosine {p}", fontsize=9)
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "grad_cosine.png", dpi=100)
-        plt.close(fig)
-        written.append("grad_cosine.png")
+        save(fig, "grad_cosine.png")
 
     gated = [r for r in rows if r["gates_last"]]
     if gated:
@@ -387,10 +385,7 @@ def plot(rep: dict, out: Path) -> list[str]:
             ax.set_xlabel("expert")
             ax.set_title(f"gate share ({r['variant']})", fontsize=9)
             fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out / "gates.png", dpi=100)
-        plt.close(fig)
-        written.append("gates.png")
+        save(fig, "gates.png")
     return written
 
 
