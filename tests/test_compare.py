@@ -153,7 +153,10 @@ def test_epoch_probe_cosine_norms_and_gates() -> None:
     gates = {"a": torch.tensor([[1.0, 0.0], [0.5, 0.5]])}
     probe.record({"a": 3 * w[0], "b": -4 * w[0] + 4 * w[1]}, gates)  # g_a = (3, 0), g_b = (-4, 4)
     d = probe.summary()
-    assert d["grad_cosine"]["a/b"] == d["grad_cosine_batch"]["a/b"] == pytest.approx(-1 / math.sqrt(2))
+    # one step: the summed-gradient and per-step cosines agree, but they are computed by different
+    # paths, so only to rounding
+    assert d["grad_cosine"]["a/b"] == pytest.approx(-1 / math.sqrt(2))
+    assert d["grad_cosine_batch"]["a/b"] == pytest.approx(-1 / math.sqrt(2))
     assert d["grad_norm"] == pytest.approx({"a": 3.0, "b": 4 * math.sqrt(2)})
     assert d["dominance"] == pytest.approx(4 * math.sqrt(2) / 3)
     assert d["gates"]["a"]["share"] == pytest.approx([0.75, 0.25])

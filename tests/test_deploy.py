@@ -734,7 +734,7 @@ class _FakeRanker:
         yield counter(
             "ranker_requests_total",
             ["status"],
-            [(["2xx"], 95 * n), (["4xx"], 3 * n), (["5xx"], 2 * n)],
+            [(["2xx"], 95 * n), (["4xx"], 3 * n), (["5xx"], 2 * n), (["client_closed"], n)],
         )
         yield histogram("ranker_request_duration_seconds", [], [[]], (0.01, 0.05, 0.25))
         yield histogram("ranker_encoder_duration_seconds", [], [[]], (0.005, 0.01))

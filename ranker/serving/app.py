@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ranker import __version__
@@ -99,7 +100,12 @@ async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_requ
 class PredictMetricsMiddleware:
     """Counts /predict responses by status class and times them up to the last body byte
     (background bookkeeping after that is not the caller's wait), including 413/422 answers
-    and failures that never reach a handler (a raw ASGI middleware: no per-request task)."""
+    and failures that never reach a handler (a raw ASGI middleware: no per-request task).
+
+    A client that hangs up before any answer starts (mid-body, say) is counted as
+    ``client_closed``, not as a 5xx: nothing failed on the server's side, and the exception
+    the body reader raises for it ends here rather than in an error log.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -109,26 +115,45 @@ class PredictMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start, status, end = time.perf_counter(), 500, None  # an exception before the response counts as 5xx
+        started = disconnected = False
+
+        async def watch_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
 
         async def send_status(message: Message) -> None:
-            nonlocal status, end
+            nonlocal status, end, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 end = time.perf_counter()
 
         try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.request_done(status, (end or time.perf_counter()) - start)
+            await self.app(scope, watch_receive, send_status)
+        except ClientDisconnect:
+            if started:
+                self.metrics.request_done(status, time.perf_counter() - start)
+                raise
+            self.metrics.request_abandoned()
+            return
+        except BaseException:
+            if disconnected and not started:
+                self.metrics.request_abandoned()
+            else:
+                self.metrics.request_done(status, time.perf_counter() - start)
+            raise
+        self.metrics.request_done(status, (end or time.perf_counter()) - start)
 
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
     if exc.reason in REASONS:
         request.app.state.serving.metrics.invalid.labels(exc.reason).inc()
-    return JSONResponse(ErrorResponse(detail=str(exc), reason=exc.reason, field=exc.field).model_dump(), status_code=exc.status)
+    headers = {"Connection": "close"} if exc.close else None
+    return JSONResponse(ErrorResponse(detail=str(exc), reason=exc.reason, field=exc.field).model_dump(), status_code=exc.status, headers=headers)
 
 
 @asynccontextmanager

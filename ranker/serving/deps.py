@@ -11,6 +11,7 @@ so a reload, which assigns a new object, never changes a request halfway.
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -97,24 +98,43 @@ Pinned = Annotated[LoadedModel, Depends(pinned_model)]
 
 
 async def check_content_length(request: Request, state: State) -> None:
-    """413 from the header alone, before any of the body is read."""
+    """413 from the header alone, before any of the body is kept."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > state.settings.max_body_bytes:
-        raise _too_large(state)
+        raise await _too_large(request.stream(), state)
 
 
-def _too_large(state: State) -> RequestError:
-    return RequestError("body_too_large", "body", f"larger than {state.settings.max_body_bytes} bytes", status=413)
+async def _too_large(stream: AsyncIterator[bytes], state: ServingState) -> RequestError:
+    """The 413, after reading and dropping what is left of the body within the drain bounds.
+
+    A client that writes its whole body before it reads (Python's urllib and requests, most
+    HTTP libraries) would otherwise find the connection closed under it, with unread bytes
+    in the server's socket, and report a reset instead of the answer. A body past
+    ``max_drain_bytes``, or one still arriving after ``drain_seconds``, is abandoned: the answer
+    then asks to close the connection, and a slow or endless body holds no worker (this runs on
+    the event loop) and no memory (chunks are dropped as they come).
+    """
+    s = state.settings
+    drained, complete = 0, False
+    with anyio.move_on_after(s.drain_seconds):
+        async for chunk in stream:
+            drained += len(chunk)
+            if drained > s.max_drain_bytes:
+                break
+        else:
+            complete = True
+    return RequestError("body_too_large", "body", f"larger than {s.max_body_bytes} bytes", status=413, close=not complete)
 
 
 async def body_bytes(request: Request, state: State) -> bytes:
     """The body, read in chunks and cut off past ``max_body_bytes`` (the header may lie or be
     absent with chunked transfer encoding)."""
     limit, size, chunks = state.settings.max_body_bytes, 0, []
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            raise _too_large(state)
+            raise await _too_large(stream, state)
         chunks.append(chunk)
     return b"".join(chunks)
 

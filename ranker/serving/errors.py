@@ -20,15 +20,16 @@ REASONS: tuple[str, ...] = get_args(Reason)
 
 
 class ServingError(RankerError):
-    """A refused request: ``status`` and a message starting with the field at fault."""
+    """A refused request: ``status`` and a message starting with the field at fault;
+    ``close`` asks to close the connection after the answer (the request was not read whole)."""
 
-    def __init__(self, status: int, reason: str, field: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, field: str, message: str, close: bool = False) -> None:
         super().__init__(f"{field}: {message}")
-        self.status, self.reason, self.field = status, reason, field
+        self.status, self.reason, self.field, self.close = status, reason, field, close
 
 
 class RequestError(ServingError):
     """A bad /predict request; counted in ranker_invalid_requests_total{reason}."""
 
-    def __init__(self, reason: Reason, field: str, message: str, status: int = 422) -> None:
-        super().__init__(status, reason, field, message)
+    def __init__(self, reason: Reason, field: str, message: str, status: int = 422, close: bool = False) -> None:
+        super().__init__(status, reason, field, message, close)

@@ -27,7 +27,10 @@ from prometheus_client.utils import floatToGoString
 from ranker.serving.errors import REASONS
 from ranker.serving.predictor import LoadedModel, Prediction
 
-STATUS_CLASSES = ("2xx", "4xx", "5xx")
+# client_closed: the client hung up before any answer was sent (nginx logs these as 499). Not a
+# server failure, so kept out of 5xx and of the request-duration histogram.
+CLIENT_CLOSED = "client_closed"
+STATUS_CLASSES = ("2xx", "4xx", "5xx", CLIENT_CLOSED)
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("parse", "featurize", "encode")  # request work outside the model, timed per request
 HEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -75,7 +78,7 @@ class ServingMetrics:
 
     def __init__(self, registry: CollectorRegistry, current: Callable[[], LoadedModel | None]) -> None:
         r = registry
-        self.requests = Counter("ranker_requests", "/predict requests by status class.", ["status"], registry=r)
+        self.requests = Counter("ranker_requests", "/predict requests by status class (2xx, 4xx, 5xx), or client_closed: the client hung up before an answer.", ["status"], registry=r)
         self.request_duration = Histogram(
             "ranker_request_duration_seconds", "Wall time of /predict requests, body read to response.", buckets=REQUEST_BUCKETS, registry=r
         )
@@ -125,6 +128,10 @@ class ServingMetrics:
     def request_done(self, status: int, seconds: float) -> None:
         self.requests.labels("5xx" if status >= 500 else "4xx" if status >= 400 else "2xx").inc()
         self.request_duration.observe(seconds)
+
+    def request_abandoned(self) -> None:
+        """The client went away before the answer started: counted apart from server errors."""
+        self.requests.labels(CLIENT_CLOSED).inc()
 
     def observe(self, loaded: LoadedModel, p: Prediction) -> None:
         """Record one scored request (called on the event loop once the response is sent)."""

@@ -44,6 +44,11 @@ class ServingSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     max_items: int = Field(default=10_000, gt=0)  # candidates per /predict request
     max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger bodies get 413 before parsing
+    # after a 413 the rest of the body is read and dropped (up to this many bytes, for at most
+    # drain_seconds) so that clients which send the whole body before reading the answer see the
+    # 413 instead of a connection reset; past either bound the connection is closed
+    max_drain_bytes: int = Field(default=64 * 2**20, ge=0)
+    drain_seconds: float = Field(default=5.0, ge=0)
     concurrency: int = Field(default_factory=_default_concurrency, gt=0)  # requests featurized/scored at once
     # requests allowed to wait for a worker; past that /predict sheds load with a 503 rather than
     # queueing without bound (every waiting request holds its body in memory)
