@@ -31,7 +31,10 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from ranker.training.trainer import Trainer, format_metrics
 
     cfg = load_config(a.config)
-    result = Trainer(cfg, progress=False if a.quiet else None).run(a.out)
+    trainer = Trainer(cfg, progress=False if a.quiet else None)
+    result = trainer.run(a.out, resume=a.resume)
+    if not trainer.ranks.is_main:  # under torchrun rank 0 alone reports
+        return
     if a.json:
         print(json.dumps({"bundle": str(result.bundle), "version": result.version, **result.metrics}, indent=2))
         return
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="bundle folder to write")
     t.add_argument("--json", action="store_true", help="print metrics as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.checkpoint.dir, if any")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="per-task metrics of a bundle on labelled Parquet")

@@ -156,6 +156,21 @@ class WeightingParams(_Strict):
     famo: FAMOParams = Field(default_factory=FAMOParams)
 
 
+class CheckpointConfig(_Strict):
+    """Resumable training state written atomically during training (``ranker train --resume``)."""
+
+    dir: str  # relative paths resolve against the config file's folder
+    every_steps: PositiveInt | None = None  # a checkpoint every N optimiser steps ...
+    every_minutes: float | None = Field(default=None, gt=0)  # ... or every N minutes of training
+    keep: PositiveInt = 2  # newest checkpoints kept; older ones are deleted after a good write
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> CheckpointConfig:
+        if (self.every_steps is None) == (self.every_minutes is None):
+            raise ValueError("set exactly one of 'every_steps' and 'every_minutes'")
+        return self
+
+
 class TrainConfig(_Strict):
     batch_size: PositiveInt = 1024
     epochs: PositiveInt = 5
@@ -173,6 +188,16 @@ class TrainConfig(_Strict):
     shuffle_buffer: PositiveInt = 200_000  # rows held for shuffling; bounds memory
     threads: int | None = Field(default=None, gt=0)  # torch intra-op threads; None = all cores
     progress: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a device
+    # autocast precision of forward and loss; weights, optimiser state and bundles stay fp32.
+    # fp16 adds dynamic loss scaling (GradScaler); bf16 needs none
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # how ranks split each epoch (torchrun): row_groups = disjoint, balanced shares of the Parquet
+    # row groups per rank; batches = every rank reads the whole stream and takes its slice of each
+    # global batch, so N ranks see exactly one process's batches (costs N x the reading)
+    sharding: Literal["row_groups", "batches"] = "row_groups"
+    checkpoint: CheckpointConfig | None = None
+    log_dir: str | None = None  # TensorBoard scalars (losses, metrics, weights, diagnostics)
 
 
 class RankerConfig(_Strict):
@@ -263,4 +288,8 @@ def load_config(path: str | Path) -> RankerConfig:
         return str(base / s)
 
     data = cfg.data.model_copy(update={k: _abs(getattr(cfg.data, k)) for k in ("train", "val", "test")})
-    return cfg.model_copy(update={"data": data})
+    tc = cfg.train
+    update: dict[str, object] = {"log_dir": _abs(tc.log_dir)}
+    if tc.checkpoint is not None:
+        update["checkpoint"] = tc.checkpoint.model_copy(update={"dir": _abs(tc.checkpoint.dir)})
+    return cfg.model_copy(update={"data": data, "train": tc.model_copy(update=update)})

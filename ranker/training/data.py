@@ -11,6 +11,7 @@ import glob
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,41 @@ from ranker.errors import RankerError
 from ranker.features import Batch, Featurizer, bag_pads, concat_batches
 
 CHUNK_ROWS = 65_536  # rows per record batch read from Parquet
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One Parquet row group: the unit of the data plan (read whole by one rank)."""
+
+    file: int  # index into ParquetSource.files
+    group: int  # row group within the file
+    rows: int
+
+
+def plan_units(units: Sequence[Unit], world: int, seed: int | None = None, epoch: int = 0) -> list[list[Unit]]:
+    """Deal row groups to ``world`` ranks: a disjoint share each, balanced by rows.
+
+    The plan depends only on (units, world, seed, epoch), so every rank computes the same one
+    from the file footers without talking to the others. With ``seed`` the row groups are
+    shuffled per epoch first (training); without, they keep file order (evaluation). Each unit
+    goes to the rank with the fewest rows so far (ties to the lowest rank).
+
+    Example:
+        >>> us = [Unit(0, g, r) for g, r in enumerate([100, 100, 50, 50])]
+        >>> [sum(u.rows for u in share) for share in plan_units(us, 2)]
+        [150, 150]
+    """
+    order = list(units)
+    if seed is not None:
+        rng = np.random.default_rng([seed, epoch])
+        order = [order[i] for i in rng.permutation(len(order))]
+    shares: list[list[Unit]] = [[] for _ in range(world)]
+    load = [0] * world
+    for u in order:
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(u)
+        load[r] += u.rows
+    return shares
 
 
 def resolve_files(spec: str, key: str) -> list[Path]:
@@ -63,7 +99,8 @@ class ParquetSource:
         self.files = resolve_files(spec, key)
         self.num_rows = 0
         self.schema: pa.Schema | None = None
-        for f in self.files:
+        self.units: list[Unit] = []  # every non-empty row group, in file order (from the footers)
+        for i, f in enumerate(self.files):
             try:
                 meta = pq.ParquetFile(f)
             except (pa.ArrowInvalid, OSError) as e:
@@ -74,22 +111,33 @@ class ParquetSource:
                     raise RankerError(f"{f}: missing column {c!r}")
             self.schema = self.schema or schema
             self.num_rows += meta.metadata.num_rows
+            md = meta.metadata
+            self.units += [Unit(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups) if md.row_group(g).num_rows]
         if self.num_rows == 0:
             raise RankerError(f"{key}: {spec} holds no rows")
 
-    def batches(self, columns: Sequence[str], rng: np.random.Generator | None = None) -> Iterator[tuple[Path, pa.RecordBatch]]:
-        """Yield (file, record batch) with only ``columns``; shuffled file/row-group order if rng."""
-        order = list(self.files)
-        if rng is not None:
-            order = [order[i] for i in rng.permutation(len(order))]
-        for f in order:
-            pf = pq.ParquetFile(f)
-            groups = list(range(pf.num_row_groups))
+    def fingerprint(self) -> list[list[object]]:
+        """What identifies the data for a resume: each file's path, size and row groups."""
+        sizes = {i: f.stat().st_size for i, f in enumerate(self.files)}
+        return [[str(f), sizes[i], [u.rows for u in self.units if u.file == i]] for i, f in enumerate(self.files)]
+
+    def batches(
+        self, columns: Sequence[str], rng: np.random.Generator | None = None, units: Sequence[Unit] | None = None
+    ) -> Iterator[tuple[Path, pa.RecordBatch]]:
+        """Yield (file, record batch) with only ``columns``, row group by row group: ``units`` in
+        their order (a rank's plan), else every row group, shuffled if ``rng``."""
+        if units is None:
+            units = self.units
             if rng is not None:
-                groups = [groups[i] for i in rng.permutation(len(groups))]
-            for rb in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=groups, columns=list(columns)):
+                units = [units[i] for i in rng.permutation(len(units))]
+        pf, open_file = None, -1
+        for u in units:
+            if u.file != open_file:
+                pf, open_file = pq.ParquetFile(self.files[u.file]), u.file
+            assert pf is not None
+            for rb in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[u.group], columns=list(columns)):
                 if rb.num_rows:
-                    yield f, rb
+                    yield self.files[u.file], rb
 
 
 def _numeric(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
@@ -155,14 +203,14 @@ class Loader:
         self.columns = list(dict.fromkeys(cols))
         self.pads = bag_pads(featurizer.features)
 
-    def _chunks(self, rng: np.random.Generator | None) -> Iterator[Batch]:
-        for f, rb in self.source.batches(self.columns, rng):
+    def _chunks(self, rng: np.random.Generator | None, units: Sequence[Unit] | None = None) -> Iterator[Batch]:
+        for f, rb in self.source.batches(self.columns, rng, units):
             chunk = self.featurizer.transform(rb)
             if self.labels:
                 chunk.update(extract_labels(rb, self.tasks, str(f)))
             yield chunk
 
-    def _prefetched(self, rng: np.random.Generator | None, depth: int = 2) -> Iterator[Batch]:
+    def _prefetched(self, rng: np.random.Generator | None, units: Sequence[Unit] | None = None, depth: int = 2) -> Iterator[Batch]:
         """Run ``_chunks`` in a background thread (Arrow and numpy release the GIL)."""
         q: queue.Queue = queue.Queue(maxsize=depth)
         stop = threading.Event()
@@ -170,7 +218,7 @@ class Loader:
 
         def work() -> None:
             try:
-                for c in self._chunks(rng):
+                for c in self._chunks(rng, units):
                     if stop.is_set():
                         return
                     q.put(c)
@@ -196,14 +244,44 @@ class Loader:
                 except queue.Empty:
                     th.join(0.01)
 
-    def __call__(self, seed: int | None = None) -> Iterator[Batch]:
-        """One pass. With ``seed`` (and a shuffle buffer) rows come in a seeded random order."""
+    def __call__(
+        self,
+        seed: int | None = None,
+        units: Sequence[Unit] | None = None,
+        part: tuple[int, int] | None = None,
+        skip: int = 0,
+        limit: int | None = None,
+    ) -> Iterator[Batch]:
+        """One pass. With ``seed`` (and a shuffle buffer) rows come in a seeded random order.
+
+        Args:
+            seed: shuffle seed; None keeps file order.
+            units: the row groups to read, in order (a rank's plan); default all of them
+                (shuffled when ``seed`` is given).
+            part: (rank, world): yield only this rank's even slice of every batch, so the ranks
+                together see exactly the batches of one process.
+            skip: batches to pass over without yielding (resuming inside an epoch: the stream,
+                shuffle buffer included, is replayed exactly up to the cursor).
+            limit: stop after this many batches (counting the skipped ones).
+        """
+        for i, batch in enumerate(self._batches(seed, units)):
+            if limit is not None and i >= limit:
+                return
+            if i < skip:
+                continue
+            if part is not None:
+                rank, world = part
+                n = len(batch["cat"])
+                batch = _take(batch, slice(rank * n // world, (rank + 1) * n // world))
+            yield batch
+
+    def _batches(self, seed: int | None, units: Sequence[Unit] | None) -> Iterator[Batch]:
         shuffle = seed is not None and self.shuffle_buffer > 0
         rng = np.random.default_rng(seed) if shuffle else None
         gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
         buf: list[Batch] = []
         rows = 0
-        for chunk in self._prefetched(rng):
+        for chunk in self._prefetched(rng, units):
             buf.append(chunk)
             rows += len(chunk["cat"])
             if rows < (self.shuffle_buffer if shuffle else self.batch_size):

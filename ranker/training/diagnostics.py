@@ -22,6 +22,7 @@ from itertools import combinations
 import torch
 from torch import nn
 
+from ranker.training.distributed import Collective
 from ranker.training.weighting.base import task_gradients
 
 
@@ -43,8 +44,9 @@ class EpochProbe:
         -0.7071
     """
 
-    def __init__(self, shared: Sequence[nn.Parameter], steps: int, batches: int) -> None:
+    def __init__(self, shared: Sequence[nn.Parameter], steps: int, batches: int, ranks: Collective | None = None) -> None:
         self.shared = list(shared)
+        self.ranks = ranks or Collective.single(torch.device("cpu"))  # task gradients are summed over ranks
         k = min(batches, steps)
         self.sampled = {int((i + 0.5) * steps / k) for i in range(k)} if k else set()
         self.cos: dict[str, list[float]] = {}
@@ -68,7 +70,7 @@ class EpochProbe:
         """Task gradients of this step's losses (graph kept for the real backward) and gates."""
         self._gates(gates)
         names = list(losses)
-        grads = task_gradients(losses, self.shared)  # (T, P)
+        grads = self.ranks.sum(task_gradients(losses, self.shared))  # (T, P), global
         gram = (grads @ grads.T).double()
         norms = gram.diagonal().clamp_min(0).sqrt()
         for i, t in enumerate(names):
@@ -77,6 +79,16 @@ class EpochProbe:
         for i, j in combinations(range(len(names)), 2):
             cos = float(gram[i, j] / (norms[i] * norms[j]).clamp_min(1e-20))
             self.cos.setdefault(f"{names[i]}/{names[j]}", []).append(cos)
+
+    _STATE = ("cos", "norm", "sums", "gate_share", "gate_entropy")
+
+    def state(self) -> dict:
+        """What was collected so far (for a checkpoint inside an epoch)."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def set_state(self, state: dict) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
 
     def summary(self) -> dict:
         """Means over the sampled steps; empty sections when nothing was sampled."""

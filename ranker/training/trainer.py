@@ -3,7 +3,6 @@ weighting by name."""
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,23 +21,35 @@ from ranker.errors import RankerError
 from ranker.features import Featurizer, RunningMoments
 from ranker.model import MultiTaskRanker
 from ranker.reference import reference_histogram
-from ranker.training.data import Loader, ParquetSource, extract_labels, label_columns
+from ranker.training.checkpoint import check_resume, load_latest, save_checkpoint
+from ranker.training.data import (
+    Loader,
+    ParquetSource,
+    Unit,
+    extract_labels,
+    label_columns,
+    plan_units,
+)
 from ranker.training.diagnostics import EpochProbe, format_diagnostics
-from ranker.training.metrics import check_monitor, monitor_value, task_metrics
+from ranker.training.distributed import Collective
+from ranker.training.evaluation import accumulators
+from ranker.training.metrics import check_monitor, monitor_value
+from ranker.training.tracking import Tracker
 from ranker.training.weighting import StepContext, build_weighting, check_weighting
 
-# per task type: loss over the labelled rows, given the raw output and the head's target
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+# per task type: summed loss over the labelled rows, given the raw output and the head's target
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "binary": F.binary_cross_entropy_with_logits,
     "regression": F.mse_loss,
 }
 EVAL_BATCH = 8192
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class EvalResult:
     metrics: dict[str, dict[str, float]]
-    scores: dict[str, np.ndarray]  # every row's score per task (for reference histograms)
+    scores: dict[str, np.ndarray]  # per task: every row's score, or a uniform sample past evaluation.REFERENCE_SAMPLE
 
 
 @dataclass
@@ -50,41 +61,90 @@ class TrainResult:
 
 
 def task_losses(
-    model: MultiTaskRanker, types: dict[str, str], raw: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    model: MultiTaskRanker,
+    types: dict[str, str],
+    raw: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    counts: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss per task in ``types`` over its labelled rows; tasks with none in the batch are
-    left out, and so are outputs without a loss of their own (not in ``types``)."""
+    """Each task's loss over its labelled rows, for tasks in ``types`` (outputs without a loss of
+    their own are left out).
+
+    ``counts`` are the labelled rows per task over all ranks: each rank's loss is then the sum
+    over its own rows divided by that count, its share of the global mean, and a task with no
+    labelled row anywhere is left out on every rank alike (a rank without labels for it still
+    takes part with a zero share). Without ``counts``: the mean over this batch's rows.
+    """
     losses = {}
     for t, ty in types.items():
-        out, y = raw[t], batch[f"label:{t}"]
+        out, y = raw[t].float(), batch[f"label:{t}"]
         valid = ~torch.isnan(y)
-        if valid.any():
-            losses[t] = LOSSES[ty](out[valid], model.heads[t].target(y[valid]))
+        n = counts[t] if counts is not None else float(valid.sum())
+        if n > 0:
+            losses[t] = LOSSES[ty](out[valid], model.heads[t].target(y[valid]), reduction="sum") / n
     return losses
 
 
-def evaluate(model: MultiTaskRanker, loader: Loader, tasks: list[TaskSpec]) -> EvalResult:
-    """Scores for every row and metrics over each task's labelled rows."""
+def evaluate(
+    model: MultiTaskRanker,
+    loader: Loader,
+    tasks: list[TaskSpec],
+    ranks: Collective | None = None,
+    units: list[Unit] | None = None,
+) -> EvalResult:
+    """Metrics over each task's labelled rows and reference scores, in bounded memory
+    (``ranker.training.evaluation``). With ``ranks``, each rank scores ``units`` and the result
+    covers every rank's rows; all ranks must call it."""
+    ranks = ranks or Collective.single(torch.device("cpu"))
+    device = next(model.parameters()).device
     model.eval()
-    scores: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    labels: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+    accs = accumulators([(t.name, t.type) for t in tasks])
     with torch.inference_mode():
-        for batch in loader():
-            out = model.predict(batch)
+        for batch in loader(units=units):
+            out = model.predict(to_device(batch, device))
             for t in tasks:
-                scores[t.name].append(out[t.name].numpy())
-                labels[t.name].append(batch[f"label:{t.name}"].numpy())
-    metrics, all_scores = {}, {}
+                accs[t.name].update(batch[f"label:{t.name}"].numpy(), out[t.name].float().cpu().numpy())
+    metrics, scores = {}, {}
     for t in tasks:
-        s, y = np.concatenate(scores[t.name]), np.concatenate(labels[t.name])
-        valid = ~np.isnan(y)
-        metrics[t.name] = task_metrics(t.type, y[valid], s[valid])
-        all_scores[t.name] = s
-    return EvalResult(metrics, all_scores)
+        metrics[t.name], scores[t.name] = accs[t.name].result(ranks)
+    return EvalResult(metrics, scores)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class _Progress:
+    """Everything of the loop that a checkpoint carries besides model, optimiser and weighting."""
+
+    epoch: int = 0  # the epoch in progress
+    batches: int = 0  # batches of that epoch consumed (the data cursor)
+    step: int = 0  # optimiser steps so far
+    rows: int = 0  # training rows over all ranks
+    seconds: float = 0.0  # training time (diagnostics and evaluation excluded)
+    best: float = float("-inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_val: dict | None = None  # {"metrics": ..., "scores": {task: tensor}}
+    history: list[dict] = field(default_factory=list)
+    ema: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count] this epoch
+    probe: dict | None = None
+
+    def state(self) -> dict:
+        return dict(self.__dict__)
 
 
 class Trainer:
     """Trains a MultiTaskRanker from a config and writes the bundle.
+
+    Under torchrun every rank runs this same loop on its share of the data
+    (``ranker.training.distributed``); rank 0 alone logs, shows progress, writes checkpoints
+    and the bundle.
 
     Args:
         cfg: the validated config.
@@ -95,13 +155,18 @@ class Trainer:
     def __init__(self, cfg: RankerConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.progress = cfg.train.progress if progress is None else progress
-        self.log = log or (lambda s: print(s, file=sys.stderr))
+        self._log = log or (lambda s: print(s, file=sys.stderr))
+        self.ranks = Collective.single(torch.device("cpu"))
         self.task_types = {t.name: t.type for t in cfg.tasks}
         self.loss_types = {t.name: t.type for t in cfg.tasks if t.loss}  # tasks trained directly
         check_weighting(cfg.train.weighting)
         err = check_monitor(cfg.train.monitor, self.task_types)
         if err:
             raise RankerError(f"train.monitor: {err}")
+
+    def log(self, line: str) -> None:
+        if self.ranks.is_main:
+            self._log(line)
 
     # ----- data ----------------------------------------------------------------------------
     def _sources(self) -> tuple[ParquetSource, ParquetSource, ParquetSource | None]:
@@ -134,11 +199,38 @@ class Trainer:
                 raise RankerError(f"data.train: task {t.name!r} has no labelled rows in column {t.label!r}")
         return featurizer, {k: (m.mean, m.std) for k, m in target.items()}
 
+    def fingerprint(self, sources: Iterable[tuple[str, ParquetSource | None]]) -> dict:
+        """What a checkpoint must match to be resumed: config (less where output goes and how
+        the run is watched), data files and world size."""
+        conf = self.cfg.model_dump(mode="json")
+        for k in ("checkpoint", "progress", "log_dir", "threads"):
+            conf["train"].pop(k, None)
+        return {
+            "config": conf,
+            "data": {k: (s.fingerprint() if s is not None else None) for k, s in sources},
+            "world_size": self.ranks.world,
+        }
+
     # ----- training ------------------------------------------------------------------------
-    def run(self, out: str | Path) -> TrainResult:
-        cfg, tc = self.cfg, self.cfg.train
+    def run(self, out: str | Path, resume: bool = False) -> TrainResult:
+        """Train and write the bundle to ``out``; ``resume`` continues from the newest
+        checkpoint in ``train.checkpoint.dir`` when there is one (else starts afresh)."""
+        self.ranks = Collective.from_env(self.cfg.train.device)
+        try:
+            return self._run(Path(out), resume)
+        finally:
+            self.ranks.barrier()
+            self.ranks.close()
+
+    def _run(self, out: Path, resume: bool) -> TrainResult:
+        cfg, tc, ranks = self.cfg, self.cfg.train, self.ranks
+        if resume and tc.checkpoint is None:
+            raise RankerError("--resume: the config has no train.checkpoint section to resume from")
+        if tc.batch_size % ranks.world:
+            raise RankerError(f"train.batch_size: {tc.batch_size} does not split evenly over {ranks.world} ranks")
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        device, dtype = ranks.device, PRECISIONS[tc.precision]
         torch.manual_seed(tc.seed)
         train_src, val_src, test_src = self._sources()
         featurizer, target_stats = self.fit_featurizer(train_src)
@@ -152,86 +244,204 @@ class Trainer:
             head.target_mean.fill_(mean)  # type: ignore[operator]
             head.target_std.fill_(std)  # type: ignore[operator]
         weighting = build_weighting(tc.weighting, [t for t in cfg.tasks if t.loss], tc.weighting_params)
+        model.to(device)
+        weighting.to(device)
+        if ranks.world > 1:  # the same initial weights everywhere (same seed), own dropout masks
+            torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)
         params = list(model.parameters()) + list(weighting.parameters())
         # fused: one kernel over all parameters, ~8x faster than the per-tensor loop on CPU
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+        if scaler is not None:
+            # the weighting backpropagates losses times get_scale(); scaling one value
+            # sets up the scaler's state as its own scale() would
+            scaler.scale(torch.ones((), device=device))
         shared = list(model.encoder.parameters()) + list(model.trunk.parameters())
         specific = [p for p in model.parameters() if all(p is not q for q in shared)]
-        steps_per_epoch = -(-train_src.num_rows // tc.batch_size)
+        loss_tasks = list(self.loss_types)
 
-        train_loader = Loader(train_src, featurizer, cfg.tasks, tc.batch_size, tc.shuffle_buffer)
+        row_groups = tc.sharding == "row_groups"
+        local_batch = tc.batch_size // ranks.world if row_groups else tc.batch_size
+        train_loader = Loader(train_src, featurizer, cfg.tasks, local_batch, tc.shuffle_buffer)
         val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH)
+        val_units = plan_units(val_src.units, ranks.world)[ranks.rank]
+        if row_groups and len(train_src.units) < ranks.world:
+            raise RankerError(f"data.train: {len(train_src.units)} row groups cannot feed {ranks.world} ranks; "
+                              "write the files with more row groups or use train.sharding: batches")
 
-        best, best_state, best_epoch, bad_epochs = float("-inf"), None, -1, 0
-        best_val: EvalResult | None = None  # the best epoch's scores: reference bins, reported val metrics
-        history: list[dict] = []
-        rows_done, train_seconds, step = 0, 0.0, 0
-        for epoch in range(tc.epochs):
+        fingerprint = self.fingerprint([("train", train_src), ("val", val_src), ("test", test_src)])
+        ranks.check_same("config", fingerprint)
+        pg = _Progress()
+        if resume:
+            assert tc.checkpoint is not None
+            ck = load_latest(tc.checkpoint.dir, self.log)
+            if ck is None:
+                self.log(f"--resume: no checkpoint in {tc.checkpoint.dir} yet; starting from the beginning")
+            else:
+                check_resume(ck["path"], ck["fingerprint"], fingerprint)
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                weighting.load_state_dict(ck["weighting"])
+                if scaler is not None:
+                    scaler.load_state_dict(ck["scaler"])
+                rng = ck["rng"][ranks.rank]
+                torch.set_rng_state(rng["torch"])
+                if rng.get("cuda") is not None and device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"], device)
+                pg = _Progress(**ck["progress"])
+                self.log(f"resumed from {ck['path']}: epoch {pg.epoch + 1}, batch {pg.batches}, step {pg.step}")
+        tracker = Tracker(tc.log_dir if ranks.is_main else None)
+        last_checkpoint = time.monotonic()
+
+        def save(final_of_epoch: bool = False) -> None:
+            nonlocal last_checkpoint
+            assert tc.checkpoint is not None
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            all_rng = ranks.gather_objects(rng)
+            if ranks.is_main:
+                state = {
+                    "fingerprint": fingerprint,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "weighting": weighting.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": all_rng,
+                    "progress": pg.state(),
+                }
+                t0 = time.perf_counter()
+                path = save_checkpoint(tc.checkpoint.dir, pg.step, state, tc.checkpoint.keep)
+                self.log(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
+            ranks.barrier()
+            last_checkpoint = time.monotonic()
+
+        def checkpoint_due() -> bool:  # rank 0's view; shared with the others through the step's all-reduce
+            ck = tc.checkpoint
+            if ck is None or not ranks.is_main:
+                return False
+            if ck.every_steps is not None:
+                return (pg.step + 1) % ck.every_steps == 0
+            return time.monotonic() - last_checkpoint >= 60 * (ck.every_minutes or 0)
+
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        while pg.epoch < tc.epochs:
+            epoch = pg.epoch
             model.train()
-            ema: dict[str, float] = {}
-            weights: dict[str, list[float]] = {}
-            probe, probe_seconds = EpochProbe(shared, steps_per_epoch, tc.diagnostics_batches), 0.0
-            bar = tqdm(total=train_src.num_rows, unit="row", unit_scale=True, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                       disable=not self.progress, file=sys.stderr, leave=False)
-            t0 = time.perf_counter()
-            for i, batch in enumerate(train_loader(seed=tc.seed * 1_000_003 + epoch)):
-                raw = model(batch)
-                losses = task_losses(model, self.loss_types, raw, batch)
-                if not losses:
-                    continue
-                if probe.due(i):  # off the clock: diagnostics are not training throughput
-                    tp = time.perf_counter()
-                    probe.record(losses, model.trunk.last_gates)
-                    probe_seconds += time.perf_counter() - tp
-                ctx = StepContext(shared=shared, epoch=epoch, step=step, specific=specific, rep=model.last_encoding)
-                for t, w in weighting.backward(losses, ctx).items():
-                    weights.setdefault(t, []).append(w)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                n = len(batch["cat"])
-                rows_done += n
-                for t, loss in losses.items():
-                    v = float(loss.detach())
-                    ema[t] = v if t not in ema else 0.95 * ema[t] + 0.05 * v
-                bar.update(n)
-                if step % 20 == 0:
-                    bar.set_postfix({f"loss_{t}": f"{v:.4f}" for t, v in ema.items()}, refresh=False)
-            train_seconds += time.perf_counter() - t0 - probe_seconds
+            seed = tc.seed * 1_000_003 + epoch
+            if row_groups:
+                plan = plan_units(train_src.units, ranks.world, seed=tc.seed, epoch=epoch)
+                rows = [sum(u.rows for u in share) for share in plan]
+                steps = min(-(-r // local_batch) for r in rows)
+                dropped = sum(r - min(r, steps * local_batch) for r in rows)
+                if dropped:
+                    self.log(f"epoch {epoch + 1}: ranks hold {'/'.join(f'{r:,}' for r in rows)} rows; {dropped:,} rows past "
+                             f"the common {steps} steps sit this epoch out (the plan changes every epoch)")
+                batches = train_loader(seed=seed + 7_919 * ranks.rank, units=plan[ranks.rank], skip=pg.batches, limit=steps)
+            else:
+                steps = -(-train_src.num_rows // tc.batch_size)
+                batches = train_loader(seed=seed, part=(ranks.rank, ranks.world), skip=pg.batches)
+            probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks)
+            if pg.probe is not None:
+                probe.set_state(pg.probe)
+            bar = tqdm(total=steps, initial=pg.batches, unit="batch", desc=f"epoch {epoch + 1}/{tc.epochs}",
+                       disable=not (self.progress and ranks.is_main), file=sys.stderr, leave=False)
+            t0, probe_seconds = time.perf_counter(), 0.0
+            for i, batch in enumerate(batches, start=pg.batches):
+                # one small all-reduce a step: rows, the checkpoint decision, labelled rows per task
+                local = [float(len(batch["cat"])), float(checkpoint_due())]
+                local += [float((~torch.isnan(batch[f"label:{t}"])).sum()) for t in loss_tasks]
+                counts = ranks.sum(torch.tensor(local, dtype=torch.float64)).tolist()
+                batch = to_device(batch, device)
+                with autocast:
+                    raw = model(batch)
+                    losses = task_losses(model, self.loss_types, raw, batch, dict(zip(loss_tasks, counts[2:], strict=True)))
+                pg.batches = i + 1
+                if losses:
+                    values = dict(zip(losses, ranks.sum(torch.stack([v.detach() for v in losses.values()])).tolist(), strict=True))
+                    if probe.due(i):  # off the clock: diagnostics are not training throughput
+                        tp = time.perf_counter()
+                        probe.record(losses, model.trunk.last_gates)
+                        probe_seconds += time.perf_counter() - tp
+                    ctx = StepContext(shared=shared, epoch=epoch, step=pg.step, specific=specific, rep=model.last_encoding,
+                                      ranks=ranks, values=values, loss_scale=scaler.get_scale() if scaler is not None else 1.0)
+                    for t, w in weighting.backward(losses, ctx).items():
+                        acc = pg.weights.setdefault(t, [0.0, 0])
+                        acc[0], acc[1] = acc[0] + w, acc[1] + 1
+                    ranks.sum_gradients(params)
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    pg.step += 1
+                    pg.rows += int(counts[0])
+                    for t, v in values.items():
+                        pg.ema[t] = v if t not in pg.ema else 0.95 * pg.ema[t] + 0.05 * v
+                    tracker.step(pg.step, pg.ema)
+                bar.update(1)
+                if pg.step % 20 == 0:
+                    bar.set_postfix({f"loss_{t}": f"{v:.4f}" for t, v in pg.ema.items()}, refresh=False)
+                if counts[1] > 0 and i + 1 < steps:  # mid-epoch checkpoint
+                    pg.seconds += time.perf_counter() - t0 - probe_seconds
+                    pg.probe = probe.state()
+                    save()
+                    t0, probe_seconds = time.perf_counter(), 0.0
+            pg.seconds += time.perf_counter() - t0 - probe_seconds
             bar.close()
-            val = evaluate(model, val_loader, cfg.tasks)
+            val = evaluate(model, val_loader, cfg.tasks, ranks, val_units)
             score = monitor_value(tc.monitor, val.metrics, self.task_types)
             diag = probe.summary()
-            history.append({"epoch": epoch + 1, "train_loss": dict(ema), "val": val.metrics, "monitor": score,
-                            "weights": {t: sum(v) / len(v) for t, v in weights.items()}, "diagnostics": diag})
+            record = {"epoch": epoch + 1, "train_loss": dict(pg.ema), "val": val.metrics, "monitor": score,
+                      "weights": {t: s / n for t, (s, n) in pg.weights.items()}, "diagnostics": diag}
+            pg.history.append(record)
+            tracker.epoch(pg.step, record, pg.rows / max(pg.seconds, 1e-9))
             self.log(f"epoch {epoch + 1}: " + _fmt(val.metrics) + f" | monitor {score:.5f}")
             if diag["batches"]:
                 self.log(f"  diagnostics: {format_diagnostics(diag)}")
-            if score > best:
-                best, best_epoch, bad_epochs = score, epoch + 1, 0
-                best_state = copy.deepcopy(model.state_dict())
-                best_val = val
+            stop = False
+            if score > pg.best:
+                pg.best, pg.best_epoch, pg.bad_epochs = score, epoch + 1, 0
+                pg.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                pg.best_val = {"metrics": val.metrics, "scores": {t: torch.from_numpy(s.copy()) for t, s in val.scores.items()}}
             else:
-                bad_epochs += 1
-                if bad_epochs >= tc.patience:
-                    self.log(f"early stop: no gain for {tc.patience} epochs; keeping epoch {best_epoch}")
-                    break
+                pg.bad_epochs += 1
+                if pg.bad_epochs >= tc.patience:
+                    self.log(f"early stop: no gain for {tc.patience} epochs; keeping epoch {pg.best_epoch}")
+                    stop = True
+            pg.epoch, pg.batches, pg.ema, pg.weights, pg.probe = epoch + 1, 0, {}, {}, None
+            if stop:
+                pg.epoch = tc.epochs  # a resumed run goes straight to the end
+            if tc.checkpoint is not None:
+                save()
+            if stop:
+                break
+        tracker.close()
 
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        if pg.best_state is not None:
+            model.load_state_dict(pg.best_state)
         # no second pass over val: the best epoch's evaluation is the restored model's
-        val = best_val if best_val is not None else evaluate(model, val_loader, cfg.tasks)
-        test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH), cfg.tasks).metrics if test_src else {}
+        if pg.best_val is not None:
+            val = EvalResult(pg.best_val["metrics"], {t: s.numpy() for t, s in pg.best_val["scores"].items()})
+        else:
+            val = evaluate(model, val_loader, cfg.tasks, ranks, val_units)
+        test = {}
+        if test_src is not None:
+            test_units = plan_units(test_src.units, ranks.world)[ranks.rank]
+            test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH), cfg.tasks, ranks, test_units).metrics
         reference = {t: reference_histogram(s) for t, s in val.scores.items()}
         metrics = {
             "val": val.metrics,
             "test": test,
-            "throughput": {"train_rows_per_second": rows_done / max(train_seconds, 1e-9)},
-            "best_epoch": best_epoch,
-            "history": history,
+            "throughput": {"train_rows_per_second": pg.rows / max(pg.seconds, 1e-9), "ranks": ranks.world},
+            "best_epoch": pg.best_epoch,
+            "history": pg.history,
         }
-        version = save_bundle(out, cfg, featurizer, model, reference, metrics)
-        return TrainResult(Path(out), version, metrics, history)
+        version = ""
+        if ranks.is_main:
+            model.to("cpu")
+            version = save_bundle(out, cfg, featurizer, model, reference, metrics)
+        version = ranks.broadcast_object(version)
+        return TrainResult(out, version, metrics, pg.history)
 
 
 def _fmt(metrics: dict[str, dict[str, float]]) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ranker.config import GradientParams, TaskSpec
+from ranker.training.distributed import Collective
 
 
 @dataclass
@@ -39,6 +40,23 @@ class StepContext:
     step: int = 0
     specific: list[nn.Parameter] = field(default_factory=list)
     rep: torch.Tensor | None = None
+    # data-parallel training (see ranker.training.distributed): each rank's ``losses`` are its
+    # share of the global loss and its ``.grad`` must end up holding its share of the update;
+    # ``values`` are the global loss values (the shares summed over ranks), None = one process
+    ranks: Collective = field(default_factory=lambda: Collective.single(torch.device("cpu")))
+    values: dict[str, float] | None = None
+    loss_scale: float = 1.0  # fp16: what backpropagated losses are multiplied by (GradScaler)
+
+    def loss_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The global value of each task's loss (what one process would see)."""
+        if self.values is not None:
+            return {t: self.values[t] for t in losses}
+        return {t: float(v.detach()) for t, v in losses.items()}
+
+    def backprop(self, total: torch.Tensor, inputs: Sequence[torch.Tensor] | None = None, retain_graph: bool = False) -> None:
+        """``total.backward`` with the fp16 loss scale applied."""
+        scaled = total * self.loss_scale if self.loss_scale != 1.0 else total
+        scaled.backward(inputs=list(inputs) if inputs is not None else None, retain_graph=retain_graph)
 
 
 class Weighting(nn.Module):
@@ -62,21 +80,36 @@ class LossWeighting(Weighting):
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         total, weights = self.combine(losses, ctx)
-        total.backward()
+        ctx.backprop(total)
         return weights
 
 
-def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor:
     """Each task's gradient with respect to ``inputs``, flattened: (T, P) in ``losses`` order.
 
     The graph is retained so the caller can still backpropagate. An input a task does not
-    reach contributes zeros.
+    reach contributes zeros. With an fp16 ``loss_scale`` the losses are scaled before and the
+    gradients unscaled after, so small gradients survive the half-precision backward.
     """
     rows = []
     for loss in losses.values():
-        grads = torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1) for g, x in zip(grads, inputs, strict=True)]))
-    return torch.stack(rows)  # (T, P)
+        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(inputs), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).float() for g, x in zip(grads, inputs, strict=True)]))
+    g = torch.stack(rows)  # (T, P)
+    return g / loss_scale if loss_scale != 1.0 else g
+
+
+def global_gram(grads: torch.Tensor, on_rep: bool, ranks: Collective) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global task gradients or None-equivalent, global Gram matrix) from this rank's (T, P).
+
+    On the shared parameters the global gradient is the sum of the ranks' (T, P) matrices.
+    On the representation each rank's P covers its own rows, so the global Gram is the sum of
+    the ranks' Gram matrices and the gradients themselves stay local.
+    """
+    if on_rep:
+        return grads, ranks.sum(grads @ grads.T)
+    total = ranks.sum(grads)
+    return total, total @ total.T
 
 
 def gradient_inputs(method: Weighting, gradients: str, ctx: StepContext) -> list[torch.Tensor]:
@@ -125,16 +158,18 @@ class GradientWeighting(Weighting):
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         on_rep = self.gradients == "representation"
-        grads = task_gradients(losses, gradient_inputs(self, self.gradients, ctx))  # (T, P)
-        values = np.array([float(v.detach()) for v in losses.values()])
-        c = self.coefficients((grads @ grads.T).double().numpy(), values)  # (T,)
+        local = task_gradients(losses, gradient_inputs(self, self.gradients, ctx), ctx.loss_scale)  # (T, P)
+        _, gram = global_gram(local, on_rep, ctx.ranks)  # every rank: the same (T, T)
+        values = np.array(list(ctx.loss_values(losses).values()))
+        c = self.coefficients(gram.double().numpy(), values)  # (T,), identical on every rank
         if on_rep:  # d on the shared parameters = backward of sum_t c_t L_t
             total = sum(float(ci) * loss for ci, loss in zip(c, losses.values(), strict=True))
-            total.backward(inputs=list(ctx.shared), retain_graph=bool(ctx.specific))  # type: ignore[union-attr]
-        else:
-            _accumulate(ctx.shared, torch.from_numpy(c).to(grads.dtype) @ grads)
+            ctx.backprop(total, ctx.shared, retain_graph=bool(ctx.specific))  # type: ignore[arg-type]
+        else:  # this rank's share c @ g_local; the shares add up to c @ g_global
+            d = torch.from_numpy(c).to(local.device, local.dtype) @ local
+            _accumulate(ctx.shared, d * ctx.loss_scale if ctx.loss_scale != 1.0 else d)  # .grad holds scaled gradients under fp16
         if ctx.specific:  # heads: each its own task's gradient, untouched by the method
-            sum(losses.values()).backward(inputs=list(ctx.specific))  # type: ignore[union-attr]
+            ctx.backprop(sum(losses.values()), ctx.specific)  # type: ignore[arg-type]
         return {t: float(ci) for t, ci in zip(losses, c, strict=True)}
 
 

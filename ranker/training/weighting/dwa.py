@@ -41,8 +41,15 @@ class DWA(LossWeighting):
     def combine(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         if ctx.epoch > self.epoch:
             self._close_epochs(ctx.epoch)
-        for t, loss in losses.items():
-            self.sums[t][0] += float(loss.detach())
+        for t, v in ctx.loss_values(losses).items():
+            self.sums[t][0] += v
             self.sums[t][1] += 1
         total = sum(self.w[t] * loss for t, loss in losses.items())
         return total, {t: self.w[t] for t in losses}  # type: ignore[return-value]
+
+    def get_extra_state(self) -> dict:
+        """Loss history and current weights, so a resumed run weighs exactly as before."""
+        return {"epoch": self.epoch, "sums": self.sums, "history": self.history, "w": self.w}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.epoch, self.sums, self.history, self.w = state["epoch"], state["sums"], state["history"], state["w"]

@@ -46,11 +46,24 @@ class FAMO(LossWeighting):
         self.prev = dict(losses)
 
     def combine(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        self.update({t: float(v.detach()) for t, v in losses.items()})
+        values = ctx.loss_values(losses)  # global loss values
+        self.update(values)
         idx = torch.tensor([self.index[t] for t in losses])
         z = torch.softmax(self.xi.detach()[idx], 0)  # (T,)
-        values = torch.stack(list(losses.values()))  # (T,)
-        inv = 1.0 / (values.detach() + _EPS)
+        loss = torch.stack(list(losses.values()))  # (T,)
+        inv = 1.0 / (torch.tensor(list(values.values()), dtype=torch.float32) + _EPS)  # (T,) 1 / (L_t + eps)
         w = z * inv / (z * inv).sum()  # z_t / (c L_t): the weight the log objective puts on L_t
-        total = (z / (z * inv).sum() * torch.log(values + _EPS)).sum()
+        # the gradient of the log objective sum_t z_t / c * log(L_t + eps) is sum_t w_t grad L_t;
+        # written as w . L it is linear in the losses, so ranks' shares of L add up exactly
+        total = (w.to(loss.device) * loss).sum()
         return total, {t: float(wi) for t, wi in zip(losses, w, strict=True)}
+
+    def get_extra_state(self) -> dict:
+        """Task logits, their optimiser and the previous losses, for an exact resume."""
+        return {"xi": self.xi.detach().clone(), "opt": self.opt.state_dict(), "prev": dict(self.prev)}
+
+    def set_extra_state(self, state: dict) -> None:
+        with torch.no_grad():
+            self.xi.copy_(state["xi"])
+        self.opt.load_state_dict(state["opt"])
+        self.prev = dict(state["prev"])

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from ranker.config import GradNormParams, TaskSpec
-from ranker.training.weighting.base import StepContext, Weighting, gradient_inputs, task_gradients
+from ranker.training.weighting.base import (
+    StepContext,
+    Weighting,
+    global_gram,
+    gradient_inputs,
+    task_gradients,
+)
 
 
 class GradNorm(Weighting):
@@ -33,22 +39,26 @@ class GradNorm(Weighting):
         return len(self.tasks) * torch.softmax(self.logits, 0)  # (T_all,)
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
-        idx = torch.tensor([self.index[t] for t in losses])
-        values = torch.stack([v.detach() for v in losses.values()])  # (T,)
+        idx = torch.tensor([self.index[t] for t in losses], device=self.initial.device)
+        values = torch.tensor(list(ctx.loss_values(losses).values()), device=self.initial.device)  # (T,) global loss values
         first = torch.isnan(self.initial[idx])
         self.initial[idx[first]] = values[first]  # a task's first loss, whenever it first appears
         w = self.weights()[idx]  # (T,)
 
-        norms = task_gradients(losses, gradient_inputs(self, self.gradients, ctx)).norm(dim=1)  # (T,) |grad L_t|, graph kept
+        local = task_gradients(losses, gradient_inputs(self, self.gradients, ctx), ctx.loss_scale)
+        _, gram = global_gram(local, self.gradients == "representation", ctx.ranks)
+        norms = gram.diagonal().clamp_min(0).sqrt()  # (T,) global |grad L_t|
         # a task with no gradient (a dead tower) cannot be balanced: leave it out of L_grad
         live = norms > 1e-8 * norms.max().clamp_min(1e-12)
         g = (w * norms)[live]  # G_t, differentiable in the logits only
         ratio = (values / self.initial[idx].clamp_min(1e-12))[live]
         target = (g.mean() * (ratio / ratio.mean()) ** self.alpha).detach()
         (grad,) = torch.autograd.grad((g - target).abs().sum(), self.logits, allow_unused=True)
-        grad = torch.zeros_like(self.logits) if grad is None else grad
+        # a global quantity, the same on every rank: each rank adds its 1/world share
+        # (scaled like every other .grad under fp16, which the optimiser step unscales)
+        grad = torch.zeros_like(self.logits) if grad is None else grad * (ctx.loss_scale / ctx.ranks.world)
         self.logits.grad = grad if self.logits.grad is None else self.logits.grad + grad
 
         w = w.detach()
-        sum(wi * loss for wi, loss in zip(w, losses.values(), strict=True)).backward()  # type: ignore[union-attr]
+        ctx.backprop(sum(wi * loss for wi, loss in zip(w, losses.values(), strict=True)))  # type: ignore[arg-type]
         return {t: float(wi) for t, wi in zip(losses, w, strict=True)}

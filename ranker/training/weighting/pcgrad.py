@@ -30,3 +30,10 @@ class PCGrad(GradientWeighting):
                 if j != i and dot < 0 and gram[j, j] > 0:
                     c[i, j] -= dot / gram[j, j]
         return c.sum(0)
+
+    def get_extra_state(self) -> dict:
+        """The private generator's state, so a resumed run draws the same numbers."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -26,3 +26,10 @@ class RLW(LossWeighting):
         w = len(losses) * np.exp(z - z.max()) / np.exp(z - z.max()).sum()
         total = sum(float(wi) * loss for wi, loss in zip(w, losses.values(), strict=True))
         return total, {t: float(wi) for t, wi in zip(losses, w, strict=True)}  # type: ignore[return-value]
+
+    def get_extra_state(self) -> dict:
+        """The private generator's state, so a resumed run draws the same numbers."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -29,6 +29,7 @@ class Uncertainty(LossWeighting):
         for t, loss in losses.items():
             s = self.log_var[self.index[t]]
             w = self.scale[t] * torch.exp(-s)
-            total = total + w * loss + 0.5 * s
+            # the regulariser is a global term: each rank adds its 1/world share
+            total = total + w * loss + 0.5 * s / ctx.ranks.world
             weights[t] = float(w.detach())
         return total, weights

@@ -1,0 +1,119 @@
+"""Resumable training state, written atomically; a resume that does not match is refused.
+
+A checkpoint is one file ``step-<global step>.pt`` in ``train.checkpoint.dir`` holding
+everything the rest of the run depends on: model, optimiser, weighting state (learned weights,
+loss history, private generators), loss scaler, every rank's RNG states, the data cursor
+(epoch and batches consumed in it: the stream is replayed up to there, shuffle buffer
+included, so no row is skipped or repeated), early-stopping state with the best weights, the
+history, and a fingerprint of config, data files and world size.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
+final name (a rename within one file system is atomic), so a process killed at any moment
+leaves either the previous checkpoints or the new one, never a torn file; leftovers of a killed
+write are removed on the next write. Files are read with ``torch.load(weights_only=True)``:
+tensors and plain containers only, no code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ranker.errors import RankerError
+
+_NAME = re.compile(r"^step-(\d{12})\.pt$")
+FORMAT = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` atomically, then keep the newest ``keep``."""
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".step-*.tmp*"):  # a write killed halfway
+        stale.unlink(missing_ok=True)
+    final = d / f"step-{step:012d}.pt"
+    tmp = d / f".{final.name}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(d)
+    for old in checkpoints(d)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """Checkpoint files in ``folder``, newest (highest step) first."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_latest(folder: str | Path, log: Any = None) -> dict[str, Any] | None:
+    """The newest checkpoint that reads back whole, or None when there is none."""
+    for p in checkpoints(folder):
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # an unreadable file: fall back to the one before
+            if log:
+                log(f"checkpoint {p} is unreadable ({type(e).__name__}); trying an older one")
+            continue
+        if state.get("format") != FORMAT:
+            raise RankerError(f"{p}: checkpoint format {state.get('format')!r}, this ranker writes {FORMAT}")
+        state["path"] = str(p)
+        return state
+    return None
+
+
+def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
+    """The first key path where two JSON-like values differ, with both values, else None."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in list(saved) + [k for k in now if k not in saved]:
+            sub = f"{where}.{k}" if where else str(k)
+            if k not in saved or k not in now:
+                return f"{sub}: {'absent' if k not in saved else saved[k]!r} in the checkpoint, {'absent' if k not in now else now[k]!r} now"
+            diff = first_difference(saved[k], now[k], sub)
+            if diff:
+                return diff
+        return None
+    if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)) and len(saved) == len(now):
+        for i, (a, b) in enumerate(zip(saved, now, strict=True)):
+            diff = first_difference(a, b, f"{where}[{i}]")
+            if diff:
+                return diff
+        return None
+    if saved != now:
+        return f"{where}: {saved!r} in the checkpoint, {now!r} now"
+    return None
+
+
+def check_resume(path: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a resume whose config, data or world size differ from the checkpoint's.
+
+    Raises:
+        RankerError: one line naming the checkpoint and what changed.
+    """
+    diff = first_difference(saved, now)
+    if diff:
+        raise RankerError(f"--resume: {path} does not match this run: {diff}")

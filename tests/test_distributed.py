@@ -1,0 +1,314 @@
+"""Training at scale on CPU: real torchrun processes on gloo, checkpoints, SIGKILL and --resume,
+bounded-memory metrics, autocast precisions, TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ranker.config import load_config
+from ranker.errors import RankerError
+from ranker.training import evaluation
+from ranker.training.checkpoint import checkpoints, load_latest
+from ranker.training.data import ParquetSource, Unit, plan_units
+from ranker.training.distributed import Collective
+from ranker.training.evaluation import TaskAccumulator, histogram_auc
+from ranker.training.metrics import task_metrics
+from ranker.training.trainer import Trainer
+from tests.datagen import make_table, write_logs
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+CPU = Collective.single(torch.device("cpu"))
+SMALL = {"experts": 2, "expert_dims": [16], "tower_dims": [8], "shared_experts": 1, "specific_experts": 1}
+
+
+def _env() -> dict[str, str]:
+    # one intra-op thread per process: 2 ranks share the cores without oversubscribing, and
+    # runs are bit-for-bit repeatable
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(cfg: Path, out: Path, *extra: str, nproc: int = 2, timeout: float = 240, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *flags, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet", *extra]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _cli(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet", *extra]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _config(root: Path, **train: object) -> Path:
+    """The tiny logs with a small model, one thread and the given train.* keys."""
+    path = root / "config.yaml"
+    if not path.exists():
+        write_logs(root, rows=3000)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] = {**raw["train"], "threads": 1, "diagnostics_batches": 2, **train}
+    raw["model"] = {**raw["model"], **SMALL}
+    out = root / f"config-{abs(hash(json.dumps(train, sort_keys=True, default=str))) % 10**8}.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _train(cfg: Path, out: Path, resume: bool = False) -> dict:
+    return Trainer(load_config(cfg), progress=False, log=lambda s: None).run(out, resume=resume).metrics
+
+
+def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return load_file(bundle / "model.safetensors")
+
+
+# ----- the data plan -----------------------------------------------------------------------
+
+
+def test_plan_is_disjoint_balanced_and_seeded() -> None:
+    units = [Unit(f, g, r) for f, g, r in [(0, 0, 1000), (0, 1, 1000), (0, 2, 400), (1, 0, 900), (1, 1, 100), (2, 0, 600)]]
+    plan = plan_units(units, 2, seed=3, epoch=0)
+    flat = [u for share in plan for u in share]
+    assert sorted(flat, key=lambda u: (u.file, u.group)) == units  # every row group once
+    rows = [sum(u.rows for u in s) for s in plan]
+    assert abs(rows[0] - rows[1]) <= 1000  # greedy: off by at most the largest unit
+    assert plan == plan_units(units, 2, seed=3, epoch=0)  # every rank computes the same plan
+    assert plan != plan_units(units, 2, seed=3, epoch=1)  # reshuffled per epoch
+    assert plan_units(units, 1) == [units]  # evaluation: one rank keeps file order
+
+
+# ----- bounded-memory metrics ----------------------------------------------------------------
+
+
+def test_streaming_metrics_equal_exact_ones_and_histogram_auc_keeps_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(20_000) < 0.3).astype(np.float64)
+    p = (1 / (1 + np.exp(-(rng.normal(0, 1, y.size) + 1.5 * y)))).astype(np.float32)  # scores come as float32
+    y_masked = np.where(rng.random(y.size) < 0.2, np.nan, y)
+    acc = TaskAccumulator("binary")
+    for i in range(0, y.size, 3000):
+        acc.update(y_masked[i : i + 3000], p[i : i + 3000])
+    got, sample = acc.result(CPU)
+    keep = ~np.isnan(y_masked)
+    want = task_metrics("binary", y_masked[keep], p[keep])
+    assert got == pytest.approx(want, rel=1e-9) and "auc_max_error" not in got
+    assert np.array_equal(np.sort(sample), np.sort(p.astype(np.float32)))  # under the cap: every score
+
+    monkeypatch.setattr(evaluation, "EXACT_AUC_ROWS", 5_000)  # past the cap: histogram AUC
+    monkeypatch.setattr(evaluation, "REFERENCE_SAMPLE", 1_000)
+    acc = TaskAccumulator("binary")
+    for i in range(0, y.size, 3000):
+        acc.update(y_masked[i : i + 3000], p[i : i + 3000])
+    approx, sample = acc.result(CPU)
+    assert 0 < approx["auc_max_error"] < 1e-3
+    assert abs(approx["auc"] - want["auc"]) <= approx["auc_max_error"] + 1e-12
+    assert approx["logloss"] == pytest.approx(want["logloss"], rel=1e-9) and sample.size == 1_000
+    assert abs(np.median(sample) - np.median(p)) < 0.05  # a uniform sample of all scores
+
+    reg = TaskAccumulator("regression")
+    w = rng.lognormal(2, 1, 10_000)
+    for i in range(0, w.size, 999):
+        reg.update(w[i : i + 999], w[i : i + 999] * 1.1 + 0.5)
+    assert reg.result(CPU)[0] == pytest.approx(task_metrics("regression", w, w * 1.1 + 0.5), rel=1e-9)
+
+
+def test_histogram_auc_against_pair_count() -> None:
+    pos, neg = np.array([1, 0, 2, 3]), np.array([2, 1, 1, 0])
+    ps = np.repeat(np.arange(4), pos)
+    ns = np.repeat(np.arange(4), neg)
+    pairs = sum((a > b) + 0.5 * (a == b) for a in ps for b in ns) / (len(ps) * len(ns))
+    value, err = histogram_auc(pos, neg)
+    assert value == pytest.approx(pairs) and err == pytest.approx(0.5 * (1 * 2 + 2 * 1) / (6 * 4))
+
+
+# ----- several processes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["shared_bottom", "mmoe", "ple"])
+def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str) -> None:
+    """sharding: batches gives 2 ranks exactly the batches of one process; with a masked task
+    (cvr) and a gradient method on the shared parameters the weights agree to rounding."""
+    cfg_path = _config(tmp_path, sharding="batches", weighting="pcgrad", epochs=2)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["architecture"] = architecture
+    cfg_path.write_text(yaml.safe_dump(raw))
+    one = _train(cfg_path, tmp_path / "one")
+    run = _torchrun(cfg_path, tmp_path / "two", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)
+    assert two["throughput"]["ranks"] == 2
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    for t in ("ctr", "cvr", "watch"):  # val metrics over both ranks' rows
+        for m, v in one["val"][t].items():
+            assert two["val"][t][m] == pytest.approx(v, rel=1e-3, abs=1e-4), (t, m)
+
+
+def test_row_group_shards_train_as_well_as_one_process(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, weighting="uncertainty", epochs=2)
+    one = _train(cfg, tmp_path / "one")
+    run = _torchrun(cfg, tmp_path / "two", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)
+    assert two["val"]["ctr"]["count"] == one["val"]["ctr"]["count"] == 750  # every val row, once
+    for t in ("ctr", "cvr"):
+        assert abs(two["val"][t]["auc"] - one["val"][t]["auc"]) < 0.03, t
+
+
+def test_uneven_files_finish_and_report_what_is_left_out(tmp_path: Path) -> None:
+    root = tmp_path / "logs"
+    cfg = _config(root, epochs=2, batch_size=128)
+    for f in (root / "train").glob("*.parquet"):
+        f.unlink()
+    pq.write_table(make_table(2600, 1), root / "train" / "big.parquet", row_group_size=650)  # 4 groups
+    pq.write_table(make_table(130, 2), root / "train" / "small.parquet")  # 1 small group
+    run = _torchrun(cfg, tmp_path / "b", timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sit this epoch out" in run.stderr and (tmp_path / "b" / "model.safetensors").is_file()
+
+
+# ----- checkpoints and exact resume --------------------------------------------------------------
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, folder: Path, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(checkpoints(folder)) < count:
+        assert proc.poll() is None, f"finished before {count} checkpoints: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("weighting", ["famo", "pcgrad"])
+def test_sigkill_and_resume_give_byte_identical_weights(tmp_path: Path, weighting: str) -> None:
+    ck = tmp_path / "ck"
+    cfg = _config(tmp_path, weighting=weighting, epochs=3, batch_size=64, checkpoint={"dir": str(ck), "every_steps": 7, "keep": 2})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"]["dropout"] = 0.2  # the RNG state must come back too
+    cfg.write_text(yaml.safe_dump(raw))
+    plain = yaml.safe_load(cfg.read_text())
+    plain["train"].pop("checkpoint")
+    plain_cfg = tmp_path / "plain.yaml"
+    plain_cfg.write_text(yaml.safe_dump(plain))
+    reference = _train(plain_cfg, tmp_path / "ref")  # uninterrupted, never checkpointed
+
+    proc = _cli(cfg, tmp_path / "b")
+    _kill_after_checkpoint(proc, ck, 1)  # mid-epoch 1
+    state = load_latest(ck)
+    assert state is not None and 0 < state["progress"]["batches"] < 47
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    _kill_after_checkpoint(proc, ck, 2)  # again, later on
+    # a write killed halfway leaves a temporary file; a torn newest checkpoint falls back to the one before
+    (ck / ".step-000000099999.pt.tmp123").write_bytes(b"partial")
+    newest = checkpoints(ck)[0]
+    torn = ck / f"step-{999999:012d}.pt"
+    torn.write_bytes(newest.read_bytes()[:1000])
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "unreadable" in err
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [h["epoch"] for h in reference["history"]]
+    assert metrics["val"] == reference["val"]
+
+
+def test_resume_refuses_a_changed_config_or_world_size(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    cfg = _config(tmp_path, epochs=1, checkpoint={"dir": str(ck), "every_steps": 100})
+    _train(cfg, tmp_path / "b")
+    assert checkpoints(ck)  # the end-of-epoch checkpoint
+    changed = yaml.safe_load(cfg.read_text())
+    changed["train"]["lr"] = 0.123
+    other = tmp_path / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    with pytest.raises(RankerError, match=r"train\.lr: 0\.005 in the checkpoint, 0\.123 now"):
+        _train(other, tmp_path / "c", resume=True)
+    run = _torchrun(cfg, tmp_path / "d", "--resume", timeout=180)
+    assert run.returncode != 0 and "world_size: 1 in the checkpoint, 2 now" in run.stderr
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    cfg = _config(tmp_path, epochs=2, batch_size=64, weighting="uncertainty", checkpoint={"dir": str(ck), "every_steps": 5})
+    ref = _torchrun(cfg, tmp_path / "ref", timeout=240)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    for p in ck.iterdir():
+        p.unlink()
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "ranker", "train",
+           "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet", "--resume"]
+    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoints(ck):
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.005)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker processes"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- precision and tracking ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_trains_on_cpu_and_bundles_stay_fp32(tmp_path: Path, precision: str) -> None:
+    cfg = _config(tmp_path, precision=precision, epochs=2, weighting="mgda")
+    metrics = _train(cfg, tmp_path / "b")
+    assert metrics["val"]["ctr"]["auc"] > 0.6 and np.isfinite(metrics["val"]["watch"]["rmse"])
+    assert {v.dtype for v in _weights(tmp_path / "b").values()} == {torch.float32}
+
+
+def test_tensorboard_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _config(tmp_path, epochs=2, log_dir=str(tmp_path / "tb"))
+    _train(cfg, tmp_path / "b")
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"val/ctr/auc", "val/watch/rmse", "weight/cvr", "val/monitor", "throughput/rows_per_second"} <= tags
+    assert any(t.startswith("diagnostics/grad_cosine/") for t in tags)
+    assert len(ev.Scalars("val/ctr/auc")) == 2
+
+
+def test_bad_scale_settings_are_one_line_errors(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, epochs=1)
+    with pytest.raises(RankerError, match="train.checkpoint"):
+        _train(cfg, tmp_path / "b", resume=True)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"]["checkpoint"] = {"dir": "ck"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RankerError, match="every_steps"):
+        load_config(bad)
+    if not torch.cuda.is_available():
+        raw["train"] = {**raw["train"], "device": "cuda"}
+        raw["train"].pop("checkpoint")
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(RankerError, match="train.device"):
+            _train(bad, tmp_path / "c")
+
+
+def test_source_fingerprint_names_row_groups(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "a.parquet", row_group_size=4)
+    src = ParquetSource(str(tmp_path / "a.parquet"), "data.train", ["x"])
+    assert [u.rows for u in src.units] == [4, 4, 2] and src.fingerprint()[0][2] == [4, 4, 2]
