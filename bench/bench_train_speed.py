@@ -1,7 +1,7 @@
 """Training speed on CPU: MMoE, 8 experts [128, 64], towers [32], embedding dim 16, batch 1024,
 on the census train split — beside the machine's measured fp32 matmul rate.
 
-    python bench/bench_train_speed.py [--epochs 3] [--threads N]
+    python bench/bench_train_speed.py [--epochs 3] [--threads N] [--precision fp32|bf16|fp16] [--device cpu|cuda]
 
 Prints:
 - the fp32 GEMM rate on the model's own first-layer shape and on a square 2048 GEMM;
@@ -33,8 +33,8 @@ from ranker.training.trainer import Trainer, task_losses  # noqa: E402
 from ranker.training.weighting import StepContext, build_weighting  # noqa: E402
 
 
-def gemm_rate(m: int, k: int, n: int, seconds: float = 2.0) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def gemm_rate(m: int, k: int, n: int, seconds: float = 2.0, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(3):
         a @ b
     reps, t0 = 0, time.perf_counter()
@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", default=str(census.ROOT / "bench" / "out" / "census"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the full trainer runs")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +84,7 @@ def main() -> int:
     if not (out / "config.yaml").is_file():
         census.prepare(out)
     raw = speed_config(out)
-    raw["train"]["epochs"] = args.epochs
+    raw["train"].update(epochs=args.epochs, device=args.device, precision=args.precision)
     cfg = parse_config(raw)
 
     model = MultiTaskRanker(cfg.features, cfg.tasks, cfg.model)
@@ -90,6 +92,8 @@ def main() -> int:
     flops_row = 6 * forward_macs_per_row(model)
     rate_model = gemm_rate(1024, in_dim, 8 * 128)
     rate_square = gemm_rate(2048, 2048, 2048)
+    if args.precision == "bf16":
+        print(f"bf16 GEMM rate: {gemm_rate(1024, in_dim, 8 * 128, dtype=torch.bfloat16):.1f} GFLOP/s (1024x{in_dim}x1024)")
     print(f"threads {torch.get_num_threads()}; encoder width {in_dim}; params {sum(p.numel() for p in model.parameters()):,}")
     print(f"fp32 GEMM rate: {rate_model:.1f} GFLOP/s (1024x{in_dim}x1024), {rate_square:.1f} GFLOP/s (2048^3)")
     print(f"training FLOPs per row: {flops_row / 1e6:.2f} MFLOP -> matmul-bound ceiling "
@@ -106,9 +110,14 @@ def main() -> int:
     types = {t.name: t.type for t in cfg.tasks}
     ctx = StepContext(shared=[])
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def step(b: dict[str, torch.Tensor]) -> None:
-        raw_out = model(b)
-        weighting.backward(task_losses(model, types, raw_out, b), ctx)
+        with autocast:
+            raw_out = model(b)
+            losses = task_losses(model, types, raw_out, b)
+        weighting.backward(losses, ctx)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -134,11 +134,13 @@ def test_histogram_auc_against_pair_count() -> None:
 # ----- several processes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["shared_bottom", "mmoe", "ple"])
-def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str) -> None:
-    """sharding: batches gives 2 ranks exactly the batches of one process; with a masked task
-    (cvr) and a gradient method on the shared parameters the weights agree to rounding."""
-    cfg_path = _config(tmp_path, sharding="batches", weighting="pcgrad", epochs=2)
+@pytest.mark.parametrize(("architecture", "weighting"), [("shared_bottom", "pcgrad"), ("mmoe", "mgda"), ("ple", "gradnorm")])
+def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str, weighting: str) -> None:
+    """sharding: batches gives 2 ranks exactly the batches of one process. With a masked task
+    (cvr) and a gradient method — PCGrad on the shared parameters (task gradients summed over
+    ranks), MGDA-UB and GradNorm on the representation (Gram matrices summed) — the weights
+    agree to rounding."""
+    cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model"]["architecture"] = architecture
     cfg_path.write_text(yaml.safe_dump(raw))

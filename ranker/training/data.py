@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +172,41 @@ def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) ->
     return out
 
 
+def _background(make: Callable[[], Iterator[Batch]], depth: int) -> Iterator[Batch]:
+    """Iterate ``make()`` in a daemon thread, ``depth`` items ahead; errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for c in make():
+                if stop.is_set():
+                    return
+                q.put(c)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.01)
+
+
 def _take(batch: Batch, idx: torch.Tensor | slice) -> Batch:
     return {k: v[idx] for k, v in batch.items()}
 
@@ -186,6 +221,7 @@ class Loader:
         batch_size: rows per mini-batch.
         shuffle_buffer: rows held for shuffling (training); 0 keeps file order (evaluation).
         labels: attach labels (False for scoring unlabelled data).
+        pin: hand out batches in page-locked memory (for asynchronous copies to a GPU).
     """
 
     def __init__(
@@ -196,8 +232,9 @@ class Loader:
         batch_size: int,
         shuffle_buffer: int = 0,
         labels: bool = True,
+        pin: bool = False,
     ) -> None:
-        self.source, self.featurizer, self.tasks = source, featurizer, list(tasks)
+        self.source, self.featurizer, self.tasks, self.pin = source, featurizer, list(tasks), pin
         self.batch_size, self.shuffle_buffer, self.labels = batch_size, shuffle_buffer, labels
         cols = featurizer.columns + (label_columns(tasks) if labels else [])
         self.columns = list(dict.fromkeys(cols))
@@ -212,37 +249,7 @@ class Loader:
 
     def _prefetched(self, rng: np.random.Generator | None, units: Sequence[Unit] | None = None, depth: int = 2) -> Iterator[Batch]:
         """Run ``_chunks`` in a background thread (Arrow and numpy release the GIL)."""
-        q: queue.Queue = queue.Queue(maxsize=depth)
-        stop = threading.Event()
-        done = object()
-
-        def work() -> None:
-            try:
-                for c in self._chunks(rng, units):
-                    if stop.is_set():
-                        return
-                    q.put(c)
-                q.put(done)
-            except BaseException as e:  # re-raised in the consumer
-                q.put(e)
-
-        th = threading.Thread(target=work, daemon=True)
-        th.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while th.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    th.join(0.01)
+        return _background(lambda: self._chunks(rng, units), depth)
 
     def __call__(
         self,
@@ -264,6 +271,14 @@ class Loader:
                 shuffle buffer included, is replayed exactly up to the cursor).
             limit: stop after this many batches (counting the skipped ones).
         """
+        out = self._sliced(seed, units, part, skip, limit)
+        if self.pin:  # page-locked copies made in another thread: the trainer's host-to-GPU
+            return _background(lambda: ({k: v.pin_memory() for k, v in b.items()} for b in out), 2)  # copies overlap
+        return out
+
+    def _sliced(
+        self, seed: int | None, units: Sequence[Unit] | None, part: tuple[int, int] | None, skip: int, limit: int | None
+    ) -> Iterator[Batch]:
         for i, batch in enumerate(self._batches(seed, units)):
             if limit is not None and i >= limit:
                 return

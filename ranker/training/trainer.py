@@ -262,8 +262,9 @@ class Trainer:
 
         row_groups = tc.sharding == "row_groups"
         local_batch = tc.batch_size // ranks.world if row_groups else tc.batch_size
-        train_loader = Loader(train_src, featurizer, cfg.tasks, local_batch, tc.shuffle_buffer)
-        val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH)
+        pin = device.type == "cuda"
+        train_loader = Loader(train_src, featurizer, cfg.tasks, local_batch, tc.shuffle_buffer, pin=pin)
+        val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH, pin=pin)
         val_units = plan_units(val_src.units, ranks.world)[ranks.rank]
         if row_groups and len(train_src.units) < ranks.world:
             raise RankerError(f"data.train: {len(train_src.units)} row groups cannot feed {ranks.world} ranks; "
@@ -427,7 +428,7 @@ class Trainer:
         test = {}
         if test_src is not None:
             test_units = plan_units(test_src.units, ranks.world)[ranks.rank]
-            test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH), cfg.tasks, ranks, test_units).metrics
+            test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH, pin=pin), cfg.tasks, ranks, test_units).metrics
         reference = {t: reference_histogram(s) for t, s in val.scores.items()}
         metrics = {
             "val": val.metrics,
