@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -184,14 +185,19 @@ def test_uneven_files_finish_and_report_what_is_left_out(tmp_path: Path) -> None
 # ----- checkpoints and exact resume --------------------------------------------------------------
 
 
-def _kill_after_checkpoint(proc: subprocess.Popen, folder: Path, count: int, timeout: float = 120) -> None:
+def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled every 5 ms)."""
     deadline = time.monotonic() + timeout
-    while len(checkpoints(folder)) < count:
-        assert proc.poll() is None, f"finished before {count} checkpoints: {proc.stderr.read() if proc.stderr else ''}"
+    while not ready():
+        assert proc.poll() is None, f"finished too early: {proc.stderr.read() if proc.stderr else ''}"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, folder: Path, count: int) -> None:
+    _kill_when(proc, lambda: len(checkpoints(folder)) >= count)
 
 
 @pytest.mark.parametrize("weighting", ["famo", "pcgrad"])
@@ -213,6 +219,9 @@ def test_sigkill_and_resume_give_byte_identical_weights(tmp_path: Path, weightin
     assert state is not None and 0 < state["progress"]["batches"] < 47
     proc = _cli(cfg, tmp_path / "b", "--resume")
     _kill_after_checkpoint(proc, ck, 2)  # again, later on
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    # 3000 rows / 64 = 47 steps an epoch: step 94 is the checkpoint after epoch 2's validation
+    _kill_when(proc, lambda: (ck / f"step-{94:012d}.pt").exists())
     # a write killed halfway leaves a temporary file; a torn newest checkpoint falls back to the one before
     (ck / ".step-000000099999.pt.tmp123").write_bytes(b"partial")
     newest = checkpoints(ck)[0]
