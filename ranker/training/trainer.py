@@ -343,8 +343,9 @@ class Trainer:
             probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks)
             if pg.probe is not None:
                 probe.set_state(pg.probe)
-            bar = tqdm(total=steps, initial=pg.batches, unit="batch", desc=f"epoch {epoch + 1}/{tc.epochs}",
-                       disable=not (self.progress and ranks.is_main), file=sys.stderr, leave=False)
+            bar = tqdm(total=steps * tc.batch_size, initial=pg.batches * tc.batch_size, unit="row", unit_scale=True,
+                       desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not (self.progress and ranks.is_main), file=sys.stderr,
+                       leave=False)
             t0, probe_seconds = time.perf_counter(), 0.0
             for i, batch in enumerate(batches, start=pg.batches):
                 # one small all-reduce a step: rows, the checkpoint decision, labelled rows per task
@@ -379,7 +380,7 @@ class Trainer:
                     for t, v in values.items():
                         pg.ema[t] = v if t not in pg.ema else 0.95 * pg.ema[t] + 0.05 * v
                     tracker.step(pg.step, pg.ema)
-                bar.update(1)
+                bar.update(int(counts[0]))
                 if pg.step % 20 == 0:
                     bar.set_postfix({f"loss_{t}": f"{v:.4f}" for t, v in pg.ema.items()}, refresh=False)
                 if counts[1] > 0 and i + 1 < steps:  # mid-epoch checkpoint
