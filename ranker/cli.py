@@ -64,14 +64,21 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 def _cmd_compare(a: argparse.Namespace) -> None:
     from ranker.config import load_config
-    from ranker.training.compare import compare
+    from ranker.training.compare import AffinitySettings, compare
 
     weightings = [w.strip() for w in a.weightings.split(",") if w.strip()] if a.weightings else None
-    rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config)
+    affinity = AffinitySettings(every=a.affinity_every, lr=a.affinity_lr) if a.affinity else None
+    rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config,
+                  affinity=affinity)
     for r in rep["multi"]:
         mark = " (best)" if r["best"] and len(rep["multi"]) > 1 else ""
         print(f"{r['variant']}{mark}: delta_m {r['delta_m_pct']:+.2f}%, worst {r['worst_task']} {r['worst_change_pct']:+.2f}%, "
               + ", ".join(f"{t} {v['verdict']}" for t, v in r["tasks"].items()))
+    if "affinity" in rep:
+        z = rep["affinity"]["matrix"]
+        print("affinity (step on row, loss of column): " + "; ".join(
+            f"{i}->{j} {z[i][j]:+.2e}" for i in z for j in z[i] if i != j))
+    print("recommendation: " + ", ".join(f"{t} {r['action']}" for t, r in rep["recommendations"].items()))
     print(f"report: {Path(a.out).resolve() / 'report.md'}")
 
 
@@ -148,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--weightings", default=None, help="comma-separated weighting methods (default: the config's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--affinity", action="store_true", help="measure lookahead task affinity during the multi-task runs")
+    c.add_argument("--affinity-every", type=int, default=10, help="probe one training step in this many (default 10)")
+    c.add_argument("--affinity-lr", type=float, default=None, help="lookahead step size (default: train.lr)")
     c.set_defaults(func=_cmd_compare)
     return p
 

@@ -96,6 +96,10 @@ class Trainer:
         self.cfg = cfg
         self.progress = cfg.train.progress if progress is None else progress
         self.log = log or (lambda s: print(s, file=sys.stderr))
+        # callables hook(model, batch, losses, step) run after each step's losses, before the
+        # backward, off the clock (e.g. compare --affinity's lookahead probe); they must leave
+        # parameters, gradients and the model's mode as they found them
+        self.step_hooks: list[Callable[[MultiTaskRanker, dict, dict, int], None]] = []
         self.task_types = {t.name: t.type for t in cfg.tasks}
         self.loss_types = {t.name: t.type for t in cfg.tasks if t.loss}  # tasks trained directly
         check_weighting(cfg.train.weighting)
@@ -182,6 +186,11 @@ class Trainer:
                 if probe.due(i):  # off the clock: diagnostics are not training throughput
                     tp = time.perf_counter()
                     probe.record(losses, model.trunk.last_gates)
+                    probe_seconds += time.perf_counter() - tp
+                if self.step_hooks:
+                    tp = time.perf_counter()
+                    for hook in self.step_hooks:
+                        hook(model, batch, losses, step)
                     probe_seconds += time.perf_counter() - tp
                 ctx = StepContext(shared=shared, epoch=epoch, step=step, specific=specific, rep=model.last_encoding)
                 for t, w in weighting.backward(losses, ctx).items():
