@@ -189,12 +189,19 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class AuditConfig(_Strict):
+    # ``ranker audit``: a column of event times (timestamp, date or number) for the temporal
+    # checks; ``--time-column`` overrides it
+    time_column: str | None = Field(default=None, min_length=1)
+
+
 class RankerConfig(_Strict):
     data: DataConfig
     features: list[FeatureSpec] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> RankerConfig:
