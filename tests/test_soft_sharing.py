@@ -154,3 +154,38 @@ def test_trains_and_the_bundle_serves_the_same_scores(tiny_logs: Path, tmp_path:
         sub = b.model.predict(batch, ["cvr"])
     assert torch.allclose(sub["cvr"], full["cvr"], atol=1e-6)
     assert ((full["ctr"] > 0) & (full["ctr"] < 1)).all()
+
+
+def test_served_cross_stitch_film_bundle_matches_offline_scores(tmp_path: Path) -> None:
+    """Serving loads the bundle through the same model code: HTTP scores equal offline ones,
+    for all tasks and for a subset."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import yaml
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    from ranker.bundle import load_bundle
+    from ranker.serving import ServingSettings, create_app
+    from tests.serving_fixtures import train_bundle, write_serving_data
+
+    data = write_serving_data(tmp_path / "data", rows=1500, architecture="cross_stitch")
+    raw = yaml.safe_load(data.config.read_text())
+    raw["model"].update({"film": True, "film_input": True, "film_dim": 8})
+    data.config.write_text(yaml.safe_dump(raw))
+    path = train_bundle(data, tmp_path / "bundle")
+    offline = load_bundle(path)
+    rows = pq.read_table(data.val_file).slice(0, 100)
+    with torch.inference_mode():
+        want = {t: s.numpy() for t, s in offline.model.predict(offline.featurizer.transform(rows)).items()}
+    settings = ServingSettings(bundle=path, device="cpu", warmup_rows=8)
+    with TestClient(create_app(settings, registry=CollectorRegistry())) as client:
+        info = client.get("/model").json()
+        full = client.post("/predict", json={"items": rows.to_pylist()})
+        sub = client.post("/predict?tasks=cvr", json={"items": rows.to_pylist()})
+    assert info["architecture"] == "cross_stitch"
+    assert full.status_code == 200 and sub.status_code == 200
+    for t, w in want.items():
+        np.testing.assert_allclose(np.asarray(full.json()["scores"][t]), w, rtol=1e-5, atol=1e-5, err_msg=t)
+    assert list(sub.json()["scores"]) == ["cvr"]
+    np.testing.assert_allclose(np.asarray(sub.json()["scores"]["cvr"]), want["cvr"], rtol=1e-5, atol=1e-5)
