@@ -316,7 +316,7 @@ def audit(cfg: RankerConfig, time_column: str | None = None) -> list[Finding]:
             stats[split].update(y, masked)
             if time_column:
                 tv = _time_values(rb, time_column, where)
-                times[split].update(tv, None if split == "train" else times_ref(t_hi))
+                times[split].update(tv, None if split == "train" else _finite_or_none(t_hi))
                 if split == "train" and t_lo is not None and t_hi is not None and math.isfinite(t_lo) and t_hi > t_lo:
                     ok = ~np.isnan(tv)
                     b = np.minimum(((tv[ok] - t_lo) / (t_hi - t_lo) * TIME_BINS).astype(np.int64), TIME_BINS - 1)
@@ -344,8 +344,8 @@ def audit(cfg: RankerConfig, time_column: str | None = None) -> list[Finding]:
     return sorted(findings, key=lambda f: order[f.severity])
 
 
-def times_ref(t_hi: float | None) -> float | None:
-    return t_hi if t_hi is not None and math.isfinite(t_hi) else None
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
 
 
 def _rate_z(p1: float, n1: int, p2: float, n2: int) -> float:
