@@ -189,3 +189,22 @@ def test_served_cross_stitch_film_bundle_matches_offline_scores(tmp_path: Path) 
         np.testing.assert_allclose(np.asarray(full.json()["scores"][t]), w, rtol=1e-5, atol=1e-5, err_msg=t)
     assert list(sub.json()["scores"]) == ["cvr"]
     np.testing.assert_allclose(np.asarray(sub.json()["scores"]["cvr"]), want["cvr"], rtol=1e-5, atol=1e-5)
+
+
+def test_compare_runs_a_cross_stitch_film_config(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from ranker.cli import main
+    from tests.datagen import write_logs
+
+    path = write_logs(tmp_path / "logs", rows=1200)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {"architecture": "cross_stitch", "expert_dims": [8], "tower_dims": [4], "film": True}
+    raw["train"].update({"epochs": 1, "batch_size": 200, "threads": 1, "diagnostics_batches": 1})
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["compare", "--config", str(path), "--out", str(tmp_path / "rep"), "--seeds", "1", "--quiet", "--affinity"]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["architecture"] == "cross_stitch" and rep["multi"][0]["architecture"] == "cross_stitch"
+    assert set(rep["recommendations"]) == {"ctr", "cvr", "watch"} and rep["affinity"]["steps"] == 1
