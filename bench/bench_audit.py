@@ -60,9 +60,10 @@ def inject_leaks(cfg_path: Path, out: Path) -> Path:
 
 
 def child_rss_mib(cfg: Path) -> tuple[float, float]:
-    """(wall seconds, max RSS MiB) of an audit in a fresh process (its own peak, not the parent's)."""
-    code = ("import resource, sys; from ranker.audit import audit; from ranker.config import load_config; "
-            "audit(load_config(sys.argv[1])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """(wall seconds, peak RSS MiB) of an audit in a fresh process. The peak is the child's own
+    VmHWM: getrusage's ru_maxrss survives exec on Linux and would report this (large) parent's."""
+    code = ("import sys; from ranker.audit import audit; from ranker.config import load_config; audit(load_config(sys.argv[1])); "
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code, str(cfg)], check=True, capture_output=True, text=True)
     return time.perf_counter() - t0, int(res.stdout.split()[-1]) / 1024
@@ -95,7 +96,7 @@ def main() -> int:
         big = write_synthetic(out / f"synth-{args.big_rows}", rows=args.big_rows, seed=0)
         for n, cfg in ((args.rows, synth), (args.big_rows, big)):
             wall, rss = child_rss_mib(cfg)
-            print(f"audit of {n:>9,} rows: {wall:6.1f}s wall, max RSS {rss:,.0f} MiB (machine shared; wall is indicative)")
+            print(f"audit of {n:>9,} rows: {wall:6.1f}s wall, peak RSS {rss:,.0f} MiB (machine shared; wall is indicative)")
     return 0
 
 
