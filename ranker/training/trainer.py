@@ -96,9 +96,7 @@ class Trainer:
         self.cfg = cfg
         self.progress = cfg.train.progress if progress is None else progress
         self.log = log or (lambda s: print(s, file=sys.stderr))
-        # callables hook(model, batch, losses, step) run after each step's losses, before the
-        # backward, off the clock (e.g. compare --affinity's lookahead probe); they must leave
-        # parameters, gradients and the model's mode as they found them
+        # hook(model, batch, losses, step) before each backward, off the clock; must change nothing
         self.step_hooks: list[Callable[[MultiTaskRanker, dict, dict, int], None]] = []
         self.task_types = {t.name: t.type for t in cfg.tasks}
         self.loss_types = {t.name: t.type for t in cfg.tasks if t.loss}  # tasks trained directly
@@ -187,11 +185,10 @@ class Trainer:
                     tp = time.perf_counter()
                     probe.record(losses, model.trunk.last_gates)
                     probe_seconds += time.perf_counter() - tp
-                if self.step_hooks:
-                    tp = time.perf_counter()
-                    for hook in self.step_hooks:
-                        hook(model, batch, losses, step)
-                    probe_seconds += time.perf_counter() - tp
+                tp = time.perf_counter()
+                for hook in self.step_hooks:  # e.g. compare --affinity's lookahead probe
+                    hook(model, batch, losses, step)
+                probe_seconds += time.perf_counter() - tp
                 ctx = StepContext(shared=shared, epoch=epoch, step=step, specific=specific, rep=model.last_encoding)
                 for t, w in weighting.backward(losses, ctx).items():
                     weights.setdefault(t, []).append(w)
