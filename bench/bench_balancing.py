@@ -2,7 +2,8 @@
 
 Synthetic logs (``ranker.training.synth``) at task correlation 1.0, 0.5 and 0.0; for each:
 single-task models (one plain MLP per task, the MMoE paper's "Single-Task" baseline) vs
-Shared-Bottom, MMoE and PLE (static weights), and every weighting method on MMoE. Then the
+Shared-Bottom, MMoE, PLE, cross-stitch and Shared-Bottom with FiLM (static weights), and every
+weighting method on MMoE. Then the
 Census-Income benchmark (``bench/census.py``): the same architectures vs single-task.
 Prints per-task test metric, Delta_m and training rows/s; writes one ``ranker compare``-style
 report per data set (report.md, report.json, plots) under --out.
@@ -31,7 +32,7 @@ from ranker.training.synth import write_synthetic
 from ranker.training.weighting import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHITECTURES = ("shared_bottom", "mmoe", "ple")
+ARCHITECTURES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 
 
 def _with(cfg: RankerConfig, model: dict | None = None, train: dict | None = None) -> RankerConfig:
@@ -44,6 +45,7 @@ def _with(cfg: RankerConfig, model: dict | None = None, train: dict | None = Non
 def variants(base: RankerConfig, weightings: list[str]) -> dict[str, RankerConfig]:
     """The architectures with static weights, then MMoE with every other weighting method."""
     out = {arch: _with(base, {"architecture": arch}, {"weighting": "static"}) for arch in ARCHITECTURES}
+    out["shared_bottom+film"] = _with(base, {"architecture": "shared_bottom", "film": True}, {"weighting": "static"})
     for w in weightings:
         if w != "static":
             out[f"mmoe+{w}"] = _with(base, {"architecture": "mmoe"}, {"weighting": w})

@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "census"))
     ap.add_argument("--seed", type=int, default=0, help="split seed")
     ap.add_argument("--prepare-only", action="store_true")
-    ap.add_argument("--architectures", default="shared_bottom,mmoe,ple")
+    ap.add_argument("--architectures", default="shared_bottom,mmoe,ple", help="e.g. cross_stitch,shared_bottom+film")
     ap.add_argument("--epochs", type=int, default=None)
     args = ap.parse_args()
 
@@ -117,7 +117,10 @@ def main() -> int:
     base = load_config(cfg_path)
     results = {}
     for arch in args.architectures.split(","):
-        model = base.model.model_copy(update={"architecture": arch})
+        name, _, option = arch.partition("+")  # "shared_bottom+film": the trunk with FiLM on it
+        if option not in ("", "film"):
+            ap.error(f"--architectures: unknown option {option!r} in {arch!r} (only +film)")
+        model = base.model.model_copy(update={"architecture": name, "film": option == "film"})
         train = base.train if args.epochs is None else base.train.model_copy(update={"epochs": args.epochs})
         cfg = base.model_copy(update={"model": model, "train": train})
         t0 = time.perf_counter()

@@ -67,15 +67,32 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 def _cmd_compare(a: argparse.Namespace) -> None:
     from ranker.config import load_config
-    from ranker.training.compare import compare
+    from ranker.training.compare import AffinitySettings, compare
 
     weightings = [w.strip() for w in a.weightings.split(",") if w.strip()] if a.weightings else None
-    rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config)
+    affinity = AffinitySettings(every=a.affinity_every, lr=a.affinity_lr) if a.affinity else None
+    rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config,
+                  affinity=affinity)
     for r in rep["multi"]:
         mark = " (best)" if r["best"] and len(rep["multi"]) > 1 else ""
         print(f"{r['variant']}{mark}: delta_m {r['delta_m_pct']:+.2f}%, worst {r['worst_task']} {r['worst_change_pct']:+.2f}%, "
               + ", ".join(f"{t} {v['verdict']}" for t, v in r["tasks"].items()))
+    if "affinity" in rep:
+        z = rep["affinity"]["matrix"]
+        print("affinity (step on row, loss of column): " + "; ".join(
+            f"{i}->{j} {z[i][j]:+.2e}" for i in z for j in z[i] if i != j))
+    print("recommendation: " + ", ".join(f"{t} {r['action']}" for t, r in rep["recommendations"].items()))
     print(f"report: {Path(a.out).resolve() / 'report.md'}")
+
+
+def _cmd_audit(a: argparse.Namespace) -> int:
+    from ranker.audit import audit, render_table, to_json
+    from ranker.config import load_config
+
+    cfg = load_config(a.config)
+    findings = audit(cfg, time_column=a.time_column or cfg.audit.time_column)
+    print(json.dumps(to_json(findings), indent=2) if a.json else render_table(findings))
+    return 3 if a.strict and any(f.severity == "error" for f in findings) else 0
 
 
 def _cmd_serve(a: argparse.Namespace) -> None:
@@ -152,20 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--weightings", default=None, help="comma-separated weighting methods (default: the config's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--affinity", action="store_true", help="measure lookahead task affinity during the multi-task runs")
+    c.add_argument("--affinity-every", type=int, default=10, help="probe one training step in this many (default 10)")
+    c.add_argument("--affinity-lr", type=float, default=None, help="lookahead step size (default: train.lr)")
     c.set_defaults(func=_cmd_compare)
+
+    u = sub.add_parser("audit", help="check the data before training: label leakage, task correlations, label counts, time skew")
+    u.add_argument("--config", required=True, help="YAML config (its data, features and tasks)")
+    u.add_argument("--json", action="store_true", help='print {"findings": [...]} as JSON')
+    u.add_argument("--strict", action="store_true", help="exit 3 when any finding is an error")
+    u.add_argument("--time-column", default=None, help="column of event times for the temporal checks (overrides audit.time_column)")
+    u.set_defaults(func=_cmd_audit)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
+        rc = args.func(args)
     except RankerError as e:
         print(f"ranker: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

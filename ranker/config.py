@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ranker.errors import RankerError
 
-ARCHITECTURE_NAMES = ("shared_bottom", "mmoe", "ple")
+ARCHITECTURE_NAMES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 
 
 class _Strict(BaseModel):
@@ -97,6 +97,14 @@ class ModelConfig(_Strict):
     specific_experts: PositiveInt = 2
     levels: PositiveInt = 1
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # cross_stitch: initial weight of a column on itself in every stitch (the rest is spread over
+    # the other columns); near 1 starts close to separate networks
+    stitch_self: float = Field(default=0.9, ge=0.0, le=1.0)
+    # FiLM on any trunk: per-task gamma * h + beta from a learned task embedding of width
+    # film_dim, and from the row's encoder output too when film_input
+    film: bool = False
+    film_input: bool = False
+    film_dim: PositiveInt = 16
 
     @field_validator("architecture")
     @classmethod
@@ -111,6 +119,12 @@ class ModelConfig(_Strict):
         if not v:
             raise ValueError("needs at least one layer width")
         return v
+
+    @model_validator(mode="after")
+    def _film_keys(self) -> ModelConfig:
+        if self.film_input and not self.film:
+            raise ValueError("film_input: needs 'film: true'")
+        return self
 
 
 class GradientParams(_Strict):
@@ -200,12 +214,19 @@ class TrainConfig(_Strict):
     log_dir: str | None = None  # TensorBoard scalars (losses, metrics, weights, diagnostics)
 
 
+class AuditConfig(_Strict):
+    # ``ranker audit``: a column of event times (timestamp, date or number) for the temporal
+    # checks; ``--time-column`` overrides it
+    time_column: str | None = Field(default=None, min_length=1)
+
+
 class RankerConfig(_Strict):
     data: DataConfig
     features: list[FeatureSpec] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> RankerConfig:

@@ -39,13 +39,13 @@ def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path_factory.mktemp("report")
     rc = main(["compare", "--config", str(path), "--out", str(out), "--seeds", str(SEEDS),
-               "--weightings", ",".join(VARIANTS), "--quiet"])
+               "--weightings", ",".join(VARIANTS), "--quiet", "--affinity", "--affinity-every", "3"])
     assert rc == 0
     return out
 
 
 def test_compare_writes_every_report_file(report_dir: Path) -> None:
-    for name in ("report.md", "report.json", "metrics.png", "learning_curves.png", "grad_cosine.png", "gates.png"):
+    for name in ("report.md", "report.json", "metrics.png", "learning_curves.png", "grad_cosine.png", "gates.png", "affinity.png"):
         data = (report_dir / name).read_bytes()
         assert len(data) > 500, name
         if name.endswith(".png"):
@@ -172,3 +172,126 @@ def test_epoch_probe_cosine_of_summed_gradients_averages_out_noise() -> None:
     d = probe.summary()
     assert d["grad_cosine"]["a/b"] == pytest.approx(1.0)  # the mean gradients agree
     assert d["grad_cosine_batch"]["a/b"] == pytest.approx(-0.8)  # each step's look conflicting
+
+
+def test_report_stability_affinity_and_recommendation(report_dir: Path) -> None:
+    from ranker.training.compare import AFFINITY_Z, WORST_SEED_PCT
+
+    rep = json.loads((report_dir / "report.json").read_text())
+    tasks = rep["tasks"]
+    for r in rep["multi"]:
+        for t in tasks:
+            m, s = r["tasks"][t], rep["single"][t]
+            sign = 1 if rep["metric"][t]["higher_is_better"] else -1
+            per_seed = [sign * (mv - sv) / abs(sv) * 100 for mv, sv in zip(m["values"], s["values"], strict=True)]
+            assert m["seed_change_pct"] == pytest.approx(per_seed)
+            assert m["worst_seed_change_pct"] == pytest.approx(min(per_seed))
+            assert m["spread_pct"] == pytest.approx(np.std(m["values"], ddof=1) / abs(s["mean"]) * 100)
+        a = r["affinity"]
+        # 2 epochs of 1600/200 = 8 steps (patience 2: no early stop), steps 0, 3, ..., 15 probed, per seed
+        assert a["runs"] == SEEDS and a["steps"] == SEEDS * math.ceil(2 * 8 / 3) and a["every"] == 3
+        assert set(a["matrix"]) == set(tasks)
+        for i in tasks:
+            assert a["matrix"][i][i] > 0  # a small step on a task's own gradient lowers its own loss
+    aff = rep["affinity"]
+    assert aff["variant"] == rep["best"] and aff["matrix"] == next(r for r in rep["multi"] if r["best"])["affinity"]["matrix"]
+    assert set(aff["by_variant"]) == set(VARIANTS)
+    best = next(r for r in rep["multi"] if r["best"])
+    for t, rec in rep["recommendations"].items():
+        m = best["tasks"][t]
+        degraded = m["verdict"] == "negative transfer" or m["worst_seed_change_pct"] < -WORST_SEED_PCT
+        if not degraded:
+            assert rec["action"] == "train together"
+        else:
+            helps = [j for j in tasks if j != t and aff["matrix"][j][t] > AFFINITY_Z * aff["se"][j][t]]
+            want = "group differently" if helps and len(helps) < len(tasks) - 1 else "keep single-task"
+            assert rec["action"] == want and (rec["with"] == helps if want == "group differently" else True)
+    md = (report_dir / "report.md").read_text()
+    assert "## Stability across retrains" in md and "## Task affinity (lookahead)" in md
+    assert md.rstrip().splitlines()[-1] == rep["recommendation_rule"]  # the report ends with the rule
+    assert md.index("## Recommendation") > md.index("## Plots")
+
+
+def test_recommendation_rule_on_hand_made_numbers() -> None:
+    from ranker.training.compare import recommend
+
+    def row(verdicts: dict[str, tuple[str, float]]) -> dict:
+        return {"tasks": {t: {"verdict": v, "change_pct": w, "worst_seed_change_pct": w} for t, (v, w) in verdicts.items()}}
+
+    tasks = ["a", "b", "c"]
+    z = {"a": {"a": 1e-3, "b": 5e-4, "c": -5e-4}, "b": {"a": 4e-4, "b": 1e-3, "c": 1e-5}, "c": {"a": -3e-4, "b": 0.0, "c": 1e-3}}
+    se = {i: dict.fromkeys(tasks, 1e-5) for i in tasks}
+    aff = {"matrix": z, "se": se}
+    rec = recommend(row({"a": ("gain", 1.0), "b": ("neutral", -3.0), "c": ("negative transfer", -2.0)}), tasks, aff)
+    assert rec["a"]["action"] == "train together"
+    assert rec["b"] == {**rec["b"], "action": "group differently", "with": ["a"]}  # a seed lost 3%; a helps b, c does not
+    assert rec["c"]["action"] == "keep single-task"  # nobody helps c (a hurts it)
+    assert recommend(row({"a": ("negative transfer", -2.0), "b": ("gain", 1.0), "c": ("gain", 1.0)}), tasks, None)["a"]["action"] == "keep single-task"
+
+
+def test_affinity_probe_leaves_training_untouched_and_sees_identical_tasks_help(tmp_path: Path) -> None:
+    """Two tasks on one label share everything useful: they help each other; on an independent
+    label they do not. The probed run's weights equal the unprobed run's bit for bit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ranker.config import parse_config
+    from ranker.training.compare import AffinitySettings, affinity_probe
+    from ranker.training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3000), ("val", 600)):
+        x = rng.normal(size=(n, 4))
+        y = (x @ np.array([1.0, -1.0, 0.5, 0.0]) + rng.normal(0, 0.3, n) > 0).astype(np.int64)
+        other = (rng.random(n) < 0.5).astype(np.int64)  # independent of everything
+        cols = {f"x{k}": x[:, k] for k in range(4)} | {"y": y, "y_copy": y.copy(), "noise": other}
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.table(cols), tmp_path / split / "p.parquet")
+
+    def run(second: str, probe: bool, out: str) -> dict | None:
+        cfg = parse_config({
+            "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")},
+            "features": [{"name": f"x{k}", "type": "dense"} for k in range(4)],
+            "tasks": [{"name": "a", "type": "binary", "label": "y"}, {"name": "b", "type": "binary", "label": second}],
+            "model": {"architecture": "shared_bottom", "expert_dims": [16], "tower_dims": [8]},
+            "train": {"epochs": 2, "batch_size": 100, "lr": 0.01, "weighting": "static", "threads": 1, "progress": False,
+                      "diagnostics_batches": 0},
+        })
+        tr = Trainer(cfg, progress=False, log=lambda s: None)
+        p = affinity_probe(cfg, AffinitySettings(every=1, lr=0.05)) if probe else None
+        if p is not None:
+            tr.step_hooks.append(p)
+        tr.run(tmp_path / out)
+        return p.summary() if p is not None else None
+
+    same = run("y_copy", True, "same")
+    indep = run("noise", True, "indep")
+    run("y_copy", False, "plain")
+    assert (tmp_path / "same" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert same is not None and indep is not None and same["steps"] == 60
+    sym = {k: (s["matrix"]["a"]["b"] + s["matrix"]["b"]["a"]) / 2 for k, s in (("same", same), ("indep", indep))}
+    assert sym["same"] > 0 and sym["same"] > 5 * abs(sym["indep"])
+
+
+def test_affinity_is_higher_for_correlated_tasks_on_synthetic_logs(tmp_path: Path) -> None:
+    """The MMoE paper's synthetic data: ctr and watch share one hidden direction at correlation
+    1.0 and none at 0.0; their mutual lookahead affinity is higher in the first case."""
+    from ranker.training.compare import AffinitySettings, affinity_probe
+    from ranker.training.synth import write_synthetic
+    from ranker.training.trainer import Trainer
+
+    sym = {}
+    for p in (1.0, 0.0):
+        cfg = load_config(write_synthetic(tmp_path / f"p{p:g}", rows=20_000, seed=0, task_correlation=p))
+        cfg = cfg.model_copy(update={
+            "model": cfg.model.model_copy(update={"experts": 4, "expert_dims": [64, 32], "tower_dims": [16]}),
+            "train": cfg.train.model_copy(update={"epochs": 2, "batch_size": 512, "lr": 0.002, "threads": 1, "weighting": "static",
+                                                  "diagnostics_batches": 0, "progress": False}),
+        })
+        tr = Trainer(cfg, progress=False, log=lambda s: None)
+        probe = affinity_probe(cfg, AffinitySettings(every=1))
+        tr.step_hooks.append(probe)
+        tr.run(tmp_path / f"b{p:g}")
+        z = probe.summary()["matrix"]
+        sym[p] = (z["ctr"]["watch"] + z["watch"]["ctr"]) / 2
+    assert sym[1.0] > 0 and sym[1.0] > sym[0.0]

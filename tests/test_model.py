@@ -27,6 +27,10 @@ CONFIGS = {
     "mmoe": ModelConfig(architecture="mmoe", experts=3, expert_dims=[16, 8], tower_dims=[4]),
     "ple": ModelConfig(architecture="ple", shared_experts=2, specific_experts=1, levels=1, expert_dims=[16, 8], tower_dims=[4]),
     "ple2": ModelConfig(architecture="ple", shared_experts=1, specific_experts=2, levels=2, expert_dims=[8], tower_dims=[4]),
+    "cross_stitch": ModelConfig(architecture="cross_stitch", expert_dims=[16, 8], tower_dims=[4]),
+    "cross_stitch1": ModelConfig(architecture="cross_stitch", expert_dims=[8], tower_dims=[4], stitch_self=0.5),
+    "shared_bottom_film": ModelConfig(architecture="shared_bottom", expert_dims=[16, 8], tower_dims=[4], film=True),
+    "mmoe_film_input": ModelConfig(architecture="mmoe", experts=3, expert_dims=[16, 8], tower_dims=[4], film=True, film_input=True),
 }
 
 
@@ -72,18 +76,31 @@ def test_only_requested_towers_and_gates_run(name: str) -> None:
     assert list(out) == ["cvr"]
     assert heads == ["head:cvr"]
     assert encoder == ["encoder"]
-    if gates is not heads and name != "shared_bottom":
+    if name == "mmoe" or name.startswith("ple"):
         assert gates == ["gate:cvr"]
+
+
+def _away_from_init(m: MultiTaskRanker) -> None:
+    """FiLM starts as the identity and cross-stitch near it: move both so parity means something."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in m.trunk.named_parameters():
+            if name.startswith(("to_film", "alpha")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def test_subset_outputs_equal_full_outputs() -> None:
     for cfg in CONFIGS.values():
         torch.manual_seed(1)
         m = MultiTaskRanker(FEATURES, TASKS, cfg).eval()
+        _away_from_init(m)
         b = batch()
         full = m(b)
-        for t in ("ctr", "cvr", "watch"):
-            assert torch.allclose(m(b, [t])[t], full[t], atol=1e-6)
+        for sub in (["ctr"], ["cvr"], ["watch"], ["watch", "ctr"]):
+            out = m(b, sub)
+            assert list(out) == sub
+            for t in sub:
+                assert torch.allclose(out[t], full[t], atol=1e-6), (cfg, t)
 
 
 def test_ple_last_level_runs_only_requested_task_experts() -> None:

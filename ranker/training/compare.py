@@ -20,8 +20,16 @@ for three: few seeds give a poor estimate of the spread, so the bar is high):
 ``gain`` if d > max(MIN_EFFECT_PCT, t SE), ``negative transfer`` if d < -max(MIN_EFFECT_PCT, t SE),
 else ``neutral``. With a single seed there is no spread and only the MIN_EFFECT_PCT floor applies.
 
+Stability across retrains: per task, each seed's change against the same seed's single-task
+model, the worst of them, and the spread (std over seeds) of multi and single. With
+``affinity`` (``--affinity``), every multi-task run carries a lookahead probe
+(``ranker.training.affinity``) and the report gains the task-affinity matrix. The report ends
+with a recommendation per task (train together, group differently, keep single-task) by
+RECOMMENDATION_RULE.
+
 Writes REPORT_DIR/report.md, report.json, metrics.png, learning_curves.png, grad_cosine.png,
-gates.png (gated trunks), and every run's bundle and log under REPORT_DIR/runs/.
+gates.png (gated trunks), affinity.png (with affinity), and every run's bundle and log under
+REPORT_DIR/runs/.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from tqdm import tqdm
 
 from ranker.config import RankerConfig
 from ranker.errors import RankerError
+from ranker.training.affinity import AffinityProbe, pool
 from ranker.training.metrics import HIGHER_IS_BETTER
-from ranker.training.trainer import Trainer
+from ranker.training.trainer import Trainer, task_losses
 from ranker.training.weighting import check_weighting
 
 COMPARE_METRIC = {"binary": "auc", "regression": "rmse"}
@@ -50,6 +59,18 @@ MIN_EFFECT_PCT = 0.1  # relative changes smaller than this are neutral whatever 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
 SINGLE_WEIGHTING = "static"  # one task: nothing to balance
+# a retrain (one seed) losing more than this (%) of its single-task seed's metric is a degradation
+WORST_SEED_PCT = 1.0
+AFFINITY_Z = 2.0  # an affinity counts as help (hurt) when its mean is this many SEs above (below) 0
+
+
+@dataclass(frozen=True)
+class AffinitySettings:
+    """``compare --affinity``: probe every ``every``-th step of each multi-task run with a
+    lookahead step of size ``lr`` (None: the run's train.lr)."""
+
+    every: int = 10
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +153,16 @@ def _metric_of(res_metrics: dict, split: str, task: str, metric: str) -> float:
     return float(v) if v is not None else float("nan")
 
 
-def run_all(runs: Sequence[Run], out: Path, progress: bool = True) -> dict[str, dict]:
-    """Train every run (bundle + log under out/runs/); returns {run name: metrics}."""
+def affinity_probe(cfg: RankerConfig, settings: AffinitySettings) -> AffinityProbe:
+    """A lookahead probe scoring each task with the trainer's own loss over its labelled rows."""
+    types = {t.name: t.type for t in cfg.tasks if t.loss}
+    lr = settings.lr if settings.lr is not None else cfg.train.lr
+    return AffinityProbe(lambda m, raw, b: task_losses(m, types, raw, b), lr=lr, every=settings.every)
+
+
+def run_all(runs: Sequence[Run], out: Path, progress: bool = True, affinity: AffinitySettings | None = None) -> dict[str, dict]:
+    """Train every run (bundle + log under out/runs/); returns {run name: metrics}. With
+    ``affinity``, every multi-task run is probed and its result carries ``"affinity"``."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     bar = tqdm(runs, desc="compare", unit="run", disable=not progress, file=sys.stderr)
@@ -142,8 +171,14 @@ def run_all(runs: Sequence[Run], out: Path, progress: bool = True) -> dict[str, 
         log_path = out / "runs" / f"{run.name}.log"
         t0 = time.perf_counter()
         with open(log_path, "w") as log:
-            res = Trainer(run.cfg, progress=False, log=lambda s, f=log: print(s, file=f, flush=True)).run(out / "runs" / run.name)
+            trainer = Trainer(run.cfg, progress=False, log=lambda s, f=log: print(s, file=f, flush=True))
+            probe = affinity_probe(run.cfg, affinity) if affinity is not None and run.kind == "multi" else None
+            if probe is not None:
+                trainer.step_hooks.append(probe)
+            res = trainer.run(out / "runs" / run.name)
         results[run.name] = {**res.metrics, "wall_seconds": time.perf_counter() - t0}
+        if probe is not None:
+            results[run.name]["affinity"] = probe.summary()
     return results
 
 
@@ -199,6 +234,9 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
         single[t]["rows_per_second"] = float(np.mean([results[r.name]["throughput"]["train_rows_per_second"] for r in rs]))
         single_curves[t] = _mean_curves([[h["val"][t][metric[t]] for h in results[r.name]["history"]] for r in rs])
 
+    for t in tasks:
+        single[t]["spread_pct"] = _spread_pct(single[t]["values"], single[t]["mean"])
+    sign = {t: 1.0 if higher[t] else -1.0 for t in tasks}
     rows = []
     for v in variants:
         rs = runs_of("multi", v)
@@ -206,13 +244,15 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
         for t in tasks:
             m = summary([_metric_of(results[r.name], split, t, metric[t]) for r in rs])
             per_task[t] = {**m, **relative_change(single[t], m, higher[t])}
+            # stability across retrains: multi seed i vs single seed i, and the seeds' spread
+            seed_changes = [sign[t] * (mv - sv) / abs(sv) * 100 if sv else float("nan")
+                            for mv, sv in zip(m["values"], single[t]["values"], strict=True)]
+            per_task[t]["seed_change_pct"] = seed_changes
+            per_task[t]["worst_seed_change_pct"] = float(np.nanmin(seed_changes)) if np.isfinite(seed_changes).any() else float("nan")
+            per_task[t]["spread_pct"] = _spread_pct(m["values"], single[t]["mean"])
         changes = [per_task[t]["change_pct"] for t in tasks]
         # per-seed Delta_m (multi seed i vs single seed i) for its spread
-        sign = {t: 1.0 if higher[t] else -1.0 for t in tasks}
-        seed_dm = [
-            delta_m([sign[t] * (per_task[t]["values"][i] - single[t]["values"][i]) / abs(single[t]["values"][i]) * 100 for t in tasks])
-            for i in range(len(seeds))
-        ]
+        seed_dm = [delta_m([per_task[t]["seed_change_pct"][i] for t in tasks]) for i in range(len(seeds))]
         worst = min(tasks, key=lambda t: per_task[t]["change_pct"])
         histories = [results[r.name]["history"] for r in rs]
         rows.append({
@@ -228,9 +268,20 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
             "curves": {t: _mean_curves([[h["val"][t][metric[t]] for h in hs] for hs in histories]) for t in tasks},
             **_diagnostics(histories),
         })
+        probed = [results[r.name]["affinity"] for r in rs if "affinity" in results[r.name]]
+        if probed:
+            rows[-1]["affinity"] = {**pool(probed), "lr": probed[0]["lr"], "every": probed[0]["every"]}
     best = max(rows, key=lambda r: r["delta_m_pct"] if math.isfinite(r["delta_m_pct"]) else -math.inf)
     for r in rows:
         r["best"] = r is best
+    extra: dict[str, Any] = {}
+    if "affinity" in best:
+        a = best["affinity"]
+        extra["affinity"] = {
+            "variant": best["variant"], "tasks": a["tasks"], "matrix": a["matrix"], "se": a["se"], "steps": a["steps"],
+            "lr": a["lr"], "every": a["every"], "by_variant": {r["variant"]: r["affinity"]["matrix"] for r in rows if "affinity" in r},
+            "rule": AFFINITY_RULE,
+        }
     return {
         "config": source,
         "split": split,
@@ -252,7 +303,56 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
         "multi": rows,
         "best": best["variant"],
         "excluded_from_delta_m": [t.name for t in cfg.tasks if t.product],
+        **extra,
+        "recommendation_rule": RECOMMENDATION_RULE,
+        "recommendations": recommend(best, tasks, extra.get("affinity")),
     }
+
+
+AFFINITY_RULE = (
+    "Z[i][j] = 1 - L_j(after one SGD step of size lr on task i's loss alone, shared parameters only) / L_j(before), "
+    "on the same batch, averaged over the sampled steps of every seed's multi-task run (Fifty et al., NeurIPS 2021). "
+    f"i helps j if Z[i][j] > {AFFINITY_Z:g} SE, hurts j if Z[i][j] < -{AFFINITY_Z:g} SE, else no measurable effect."
+)
+RECOMMENDATION_RULE = (
+    "For each task, on the best multi-task variant by Δm: **train together** if its verdict is not negative transfer "
+    f"and no seed lost more than {WORST_SEED_PCT:g}% against the same seed's single-task model; otherwise, with "
+    "affinity measured, **group differently** (with the tasks that help it) when some but not all other tasks help it, "
+    "and **keep single-task** when none do, or all do (then the loss is not gradient conflict: capacity or balancing); "
+    "without affinity, **keep single-task**."
+)
+
+
+def _spread_pct(values: Sequence[float], base: float) -> float | None:
+    """Sample std over seeds as % of |base| (None with one seed)."""
+    if len(values) < 2 or not base:
+        return None
+    return float(np.std(values, ddof=1)) / abs(base) * 100
+
+
+def recommend(row: dict, tasks: Sequence[str], affinity: dict | None) -> dict[str, dict]:
+    """Per task: {"action", "with", "reason"} by RECOMMENDATION_RULE."""
+    out: dict[str, dict] = {}
+    for t in tasks:
+        m = row["tasks"][t]
+        worst = m["worst_seed_change_pct"]
+        degraded = m["verdict"] == "negative transfer" or (math.isfinite(worst) and worst < -WORST_SEED_PCT)
+        reason = f"{m['verdict']} ({_fmt(m['change_pct'], pct=True)}), worst seed {_fmt(worst, pct=True)}"
+        if not degraded:
+            out[t] = {"action": "train together", "with": [x for x in tasks if x != t], "reason": reason}
+            continue
+        others = [x for x in tasks if x != t]
+        if affinity is None or t not in affinity["matrix"]:
+            out[t] = {"action": "keep single-task", "with": [], "reason": reason + "; no affinity measured"}
+            continue
+        z, se = affinity["matrix"], affinity["se"]
+        helps = [j for j in others if j in z and math.isfinite(z[j][t]) and math.isfinite(se[j][t]) and z[j][t] > AFFINITY_Z * se[j][t]]
+        if helps and len(helps) < len(others):
+            out[t] = {"action": "group differently", "with": helps, "reason": reason + f"; helped by {', '.join(helps)}"}
+        else:
+            why = "no other task helps it" if not helps else "every other task helps it: not gradient conflict, try capacity or weighting"
+            out[t] = {"action": "keep single-task", "with": [], "reason": reason + f"; {why}"}
+    return out
 
 
 def _fmt(v: float | None, std: float | None = None, pct: bool = False) -> str:
@@ -315,7 +415,37 @@ def render_markdown(rep: dict, plots: Sequence[str]) -> str:
             diag.append("gate entropy: " + ", ".join(f"{t} {g['entropy']:.2f}/{g['max_entropy']:.2f}" for t, g in r["gates_last"].items()))
         lines += [f"- {d}" for d in diag] + [""]
     lines += ["## Verdict rule", "", rep["verdict_rule"], ""]
+    lines += ["## Stability across retrains", "",
+              "Per seed: the multi-task model's oriented change against the single-task model of the same seed; "
+              "spread: sample std of the metric over seeds, % of the single-task mean.", ""]
+    lines.append(f"| {rep['variant_kind']} | task | per-seed change | worst seed | spread multi | spread single |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in rep["multi"]:
+        for t in tasks:
+            m = r["tasks"][t]
+            per_seed = ", ".join(_fmt(c, pct=True) for c in m["seed_change_pct"])
+            spread = [_fmt(x, pct=True).lstrip("+") if x is not None else "n/a" for x in (m["spread_pct"], rep["single"][t]["spread_pct"])]
+            lines.append(f"| {r['variant']} | {t} | {per_seed} | {_fmt(m['worst_seed_change_pct'], pct=True)} | {spread[0]} | {spread[1]} |")
+    lines.append("")
+    if "affinity" in rep:
+        a = rep["affinity"]
+        names = a["tasks"]
+        lines += ["## Task affinity (lookahead)", "",
+                  f"Variant `{a['variant']}`, {a['steps']} sampled steps (one in {a['every']}, lookahead step {a['lr']:g}). "
+                  "Row i = the task whose gradient the step follows, column j = the task whose loss is measured.", ""]
+        lines.append("| step on \\ loss of | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for i in names:
+            cells = [f"{a['matrix'][i][j]:+.2e} ± {a['se'][i][j]:.1e}" if a["matrix"][i][j] is not None and math.isfinite(a["matrix"][i][j]) else "n/a"
+                     for j in names]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+        lines += ["", a["rule"], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Recommendation", "", "| task | recommendation | why |", "|---|---|---|"]
+    for t, rec in rep["recommendations"].items():
+        action = rec["action"] + (f" (with {', '.join(rec['with'])})" if rec["action"] == "group differently" else "")
+        lines.append(f"| {t} | **{action}** | {rec['reason']} |")
+    lines += ["", rep["recommendation_rule"], ""]
     return "\n".join(lines)
 
 
@@ -386,6 +516,29 @@ def plot(rep: dict, out: Path) -> list[str]:
             ax.set_title(f"gate share ({r['variant']})", fontsize=9)
             fig.colorbar(im, ax=ax)
         save(fig, "gates.png")
+
+    probed = [r for r in rows if "affinity" in r]
+    if probed:
+        fig, axes = plt.subplots(1, len(probed), figsize=(1.1 * len(tasks) * len(probed) + 2.5, 1.0 * len(tasks) + 1.8), squeeze=False)
+        for ax, r in zip(axes[0], probed, strict=True):
+            names = r["affinity"]["tasks"]
+            z = np.array([[r["affinity"]["matrix"][i][j] for j in names] for i in names], dtype=np.float64)  # (T, T)
+            # the colour scale is the off-diagonal one: self-affinities are ~100x larger and would
+            # wash out every cross-task entry (the diagonal saturates; its numbers are printed)
+            off = z[~np.eye(len(names), dtype=bool)]
+            lim = float(np.nanmax(np.abs(off))) if np.isfinite(off).any() and np.nanmax(np.abs(off)) > 0 else 1.0
+            im = ax.imshow(z, cmap="RdBu", vmin=-lim, vmax=lim)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+            ax.set_yticks(range(len(names)), names)
+            for (i, j), v in np.ndenumerate(z):
+                dark = math.isfinite(v) and abs(v) > 0.6 * lim
+                ax.text(j, i, f"{v:.1e}" if math.isfinite(v) else "n/a", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+            ax.set_xlabel("loss of task j")
+            ax.set_ylabel("step on task i")
+            ax.set_title(f"affinity Z[i][j] ({r['variant']}; colour: off-diagonal scale)", fontsize=8)
+            fig.colorbar(im, ax=ax)
+        save(fig, "affinity.png")
     return written
 
 
@@ -401,7 +554,7 @@ def _json_safe(obj: object) -> object:
 
 def compare(
     cfg: RankerConfig, out: str | Path, seeds: int = 3, weightings: Sequence[str] | None = None,
-    progress: bool = True, source: str = "",
+    progress: bool = True, source: str = "", affinity: AffinitySettings | None = None,
 ) -> dict:
     """Train, compare and write the report; returns the report dict (as in report.json).
 
@@ -412,6 +565,7 @@ def compare(
         weightings: multi-task weighting methods to compare (default: the config's).
         progress: a tqdm bar over runs.
         source: where the config came from, for the report.
+        affinity: probe every multi-task run for lookahead task affinity (``--affinity``).
     """
     if seeds < 1:
         raise RankerError(f"--seeds: must be at least 1, got {seeds}")
@@ -422,7 +576,9 @@ def compare(
         raise RankerError("tasks: compare needs at least two tasks with their own label")
     out = Path(out)
     runs = plan(cfg, seeds, weighting_variants(cfg, weightings))
-    rep = build_report(cfg, runs, run_all(runs, out, progress), source)
+    if affinity is not None and (affinity.every < 1 or (affinity.lr is not None and not affinity.lr > 0)):
+        raise RankerError("--affinity-every must be at least 1 and --affinity-lr positive")
+    rep = build_report(cfg, runs, run_all(runs, out, progress, affinity), source)
     write_report(rep, out)
     return rep
 

@@ -157,6 +157,8 @@ class Trainer:
         self.progress = cfg.train.progress if progress is None else progress
         self._log = log or (lambda s: print(s, file=sys.stderr))
         self.ranks = Collective.single(torch.device("cpu"))
+        # hook(model, batch, losses, step) before each backward, off the clock; must change nothing
+        self.step_hooks: list[Callable[[MultiTaskRanker, dict, dict, int], None]] = []
         self.task_types = {t.name: t.type for t in cfg.tasks}
         self.loss_types = {t.name: t.type for t in cfg.tasks if t.loss}  # tasks trained directly
         check_weighting(cfg.train.weighting)
@@ -363,6 +365,10 @@ class Trainer:
                         tp = time.perf_counter()
                         probe.record(losses, model.trunk.last_gates)
                         probe_seconds += time.perf_counter() - tp
+                    tp = time.perf_counter()
+                    for hook in self.step_hooks:  # e.g. compare --affinity's lookahead probe
+                        hook(model, batch, losses, pg.step)
+                    probe_seconds += time.perf_counter() - tp
                     ctx = StepContext(shared=shared, epoch=epoch, step=pg.step, specific=specific, rep=model.last_encoding,
                                       ranks=ranks, values=values, loss_scale=scaler.get_scale() if scaler is not None else 1.0)
                     for t, w in weighting.backward(losses, ctx).items():

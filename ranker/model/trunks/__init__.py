@@ -3,7 +3,8 @@
 Every trunk takes ``(x, tasks)`` with x (B, in) and returns ``{task: (B, out_dim)}`` for the
 requested tasks only, computing only the gates (and task-owned experts) those tasks need.
 Gate weights of the last call are kept in ``last_gates`` ({task: (B, E)}) for diagnostics.
-A new trunk is one file plus one entry in ``ARCHITECTURES``.
+A new trunk is one file plus one entry in ``ARCHITECTURES``. ``model.film`` wraps any of them
+in ``ranker.model.film.FiLM`` (same contract).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import nn
 
 from ranker.config import ModelConfig
 from ranker.errors import RankerError
+from ranker.model.film import FiLM
+from ranker.model.trunks.cross_stitch import CrossStitch
 from ranker.model.trunks.mmoe import MMoE
 from ranker.model.trunks.ple import PLE
 from ranker.model.trunks.shared_bottom import SharedBottom
@@ -22,6 +25,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "shared_bottom": SharedBottom,
     "mmoe": MMoE,
     "ple": PLE,
+    "cross_stitch": CrossStitch,
 }
 
 
@@ -32,4 +36,6 @@ def build_trunk(cfg: ModelConfig, in_dim: int, tasks: Sequence[str]) -> nn.Modul
         raise RankerError(
             f"model.architecture: unknown architecture {cfg.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
         ) from None
-    return cls(cfg, in_dim, list(tasks))
+    trunk = cls(cfg, in_dim, list(tasks))
+    # model.film: task-conditioned scale and shift on whichever trunk was built
+    return FiLM(trunk, cfg, in_dim, list(tasks)) if cfg.film else trunk
