@@ -323,3 +323,18 @@ def test_source_fingerprint_names_row_groups(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "a.parquet", row_group_size=4)
     src = ParquetSource(str(tmp_path / "a.parquet"), "data.train", ["x"])
     assert [u.rows for u in src.units] == [4, 4, 2] and src.fingerprint()[0][2] == [4, 4, 2]
+
+
+def test_checkpoint_writes_are_atomic_and_pruned(tmp_path: Path) -> None:
+    from ranker.training.checkpoint import first_difference, save_checkpoint
+
+    for step in (5, 10, 15):
+        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == [f"step-{15:012d}.pt", f"step-{10:012d}.pt"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    (tmp_path / f"step-{20:012d}.pt").write_bytes(b"torn")  # a file that does not read back
+    state = load_latest(tmp_path)
+    assert state is not None and state["x"].item() == 15
+    assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}}) == "a.b[1]: 2 in the checkpoint, 3 now"
+    assert first_difference({"a": 1}, {"a": 1, "c": 2}) == "c: absent in the checkpoint, 2 now"
+    assert first_difference({"a": [1]}, {"a": [1]}) is None

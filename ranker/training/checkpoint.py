@@ -92,7 +92,9 @@ def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
         for k in list(saved) + [k for k in now if k not in saved]:
             sub = f"{where}.{k}" if where else str(k)
             if k not in saved or k not in now:
-                return f"{sub}: {'absent' if k not in saved else saved[k]!r} in the checkpoint, {'absent' if k not in now else now[k]!r} now"
+                was = repr(saved[k]) if k in saved else "absent"
+                is_now = repr(now[k]) if k in now else "absent"
+                return f"{sub}: {was} in the checkpoint, {is_now} now"
             diff = first_difference(saved[k], now[k], sub)
             if diff:
                 return diff
