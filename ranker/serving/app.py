@@ -42,8 +42,8 @@ from ranker.serving.feedback import FEEDBACK_PATH
 from ranker.serving.metrics import ServingMetrics
 from ranker.serving.predictor import load_model
 from ranker.serving.schemas import (
-    ErrorResponse,
     FEEDBACK_REQUEST_SCHEMA,
+    ErrorResponse,
     FeedbackResponse,
     Health,
     ModelInfo,

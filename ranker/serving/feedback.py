@@ -99,7 +99,7 @@ def parse_events(body: bytes, max_events: int) -> _Columns:
         except (ValueError, RecursionError) as e:
             raise ServingError(422, "bad_json", "body", f"not valid JSON ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
-            raise ServingError(422, "bad_type", "events", 'the body must be an object {"events": [...]} with a list of events')
+            raise ServingError(422, "bad_type", "events", 'the body must be an object {"events": [...]} with a list of events') from None
         events, fast = doc["events"], False
     if len(events) > max_events:
         raise ServingError(422, "too_many_items", "events", f"{len(events)} events; at most {max_events} per request")
@@ -221,12 +221,12 @@ class FeedbackRecorder:
                 messages.setdefault("unknown_task", f"events[{idx[0]}].task: {_quote(task)} is not a task of model {version} ({', '.join(tasks)})")
                 continue
             s, y = cols.scores[idx], cols.labels[idx]
-            # (reason, failed, field, message of event j); each event gets its first failing reason
-            checks = [("non_finite", ~finite[idx], "", lambda j: "score and label must be finite numbers")]
-            if ref.type == "binary":
+            # (reason, failed, field, message template); each event gets its first failing reason
+            checks = [("non_finite", ~finite[idx], "", "score and label must be finite numbers")]
+            if ref.type == "binary":  # task names are identifiers: no braces for str.format
                 checks += [
-                    ("score_out_of_range", (s < 0) | (s > 1), ".score", lambda j: f"{s[j]:g} is outside [0, 1] for binary task {task}"),
-                    ("bad_label", (y != 0) & (y != 1), ".label", lambda j: f"{y[j]:g} must be 0 or 1 for binary task {task}"),
+                    ("score_out_of_range", (s < 0) | (s > 1), ".score", "{s:g} is outside [0, 1] for binary task " + task),
+                    ("bad_label", (y != 0) & (y != 1), ".label", "{y:g} must be 0 or 1 for binary task " + task),
                 ]
             ok = np.ones(idx.size, dtype=bool)
             for name, failed, field, message in checks:
@@ -234,7 +234,7 @@ class FeedbackRecorder:
                 if failed.any():
                     j = int(np.argmax(failed))
                     reason[idx[failed]] = _REASON_CODE[name]
-                    messages.setdefault(name, f"events[{idx[j]}]{field}: {message(j)}")
+                    messages.setdefault(name, f"events[{idx[j]}]{field}: " + message.format(s=s[j], y=y[j]))
                     ok &= ~failed
             if ok.any():
                 groups.append((task, version, ref, idx[ok]))
