@@ -42,8 +42,8 @@ FeedbackReason = Literal[
     "unknown_model_version",  # a version this server has not loaded (labels stay bounded)
     "unknown_task",  # not a task of that model version
     "non_finite",  # score or label NaN or infinite
-    "score_out_of_range",  # a binary task's score outside [0, 1]
-    "bad_label",  # a binary task's label other than 0 or 1
+    "score_out_of_range",  # a binary task's score outside [0, 1]; a regression task's below 0
+    "bad_label",  # a binary task's label other than 0 or 1; a regression task's below 0
 ]
 FEEDBACK_REASONS: tuple[str, ...] = get_args(FeedbackReason)
 # Why a whole POST /feedback request was refused: ranker_feedback_invalid_requests_total{reason}.

@@ -193,10 +193,14 @@ class FeedbackRecorder:
         versions = self._versions
         n = cols.scores.size
         reason = np.where(cols.bad, _REASON_CODE["bad_event"], 0)  # (N,) 0 = accepted
-        messages: dict[str, str] = {}
+        messages: dict[str, tuple[int, str]] = {}  # reason -> (first event, what is wrong with it)
+
+        def note(reason_name: str, i: int, text: str) -> None:
+            if reason_name not in messages or i < messages[reason_name][0]:
+                messages[reason_name] = (i, f"events[{i}]{text}")
+
         if cols.bad.any():
-            first = int(np.argmax(cols.bad))
-            messages["bad_event"] = f"events[{first}]: needs model_version and task (strings), score and label (numbers)"
+            note("bad_event", int(np.argmax(cols.bad)), ": needs model_version and task (strings), score and label (numbers)")
         task_label = np.asarray(cols.tasks, dtype=object)  # the outcome's task label per event
         known_tasks = {t for tasks in versions.values() for t in tasks}
         finite = np.isfinite(cols.scores) & np.isfinite(cols.labels)
@@ -213,12 +217,12 @@ class FeedbackRecorder:
             tasks = versions.get(version)
             if tasks is None:
                 reason[idx] = _REASON_CODE["unknown_model_version"]
-                messages.setdefault("unknown_model_version", f"events[{idx[0]}].model_version: {_quote(version)} is not a version this server has loaded ({', '.join(versions)})")
+                note("unknown_model_version", int(idx[0]), f".model_version: {_quote(version)} is not a version this server has loaded ({', '.join(versions)})")
                 continue
             ref = tasks.get(task)
             if ref is None:
                 reason[idx] = _REASON_CODE["unknown_task"]
-                messages.setdefault("unknown_task", f"events[{idx[0]}].task: {_quote(task)} is not a task of model {version} ({', '.join(tasks)})")
+                note("unknown_task", int(idx[0]), f".task: {_quote(task)} is not a task of model {version} ({', '.join(tasks)})")
                 continue
             s, y = cols.scores[idx], cols.labels[idx]
             # (reason, failed, field, message template); each event gets its first failing reason
@@ -228,13 +232,18 @@ class FeedbackRecorder:
                     ("score_out_of_range", (s < 0) | (s > 1), ".score", "{s:g} is outside [0, 1] for binary task " + task),
                     ("bad_label", (y != 0) & (y != 1), ".label", "{y:g} must be 0 or 1 for binary task " + task),
                 ]
+            else:  # the sums are counters, which only grow (and a ratio of sums needs one sign)
+                checks += [
+                    ("score_out_of_range", s < 0, ".score", "{s:g} is negative; regression task " + task + " takes values >= 0"),
+                    ("bad_label", y < 0, ".label", "{y:g} is negative; regression task " + task + " takes values >= 0"),
+                ]
             ok = np.ones(idx.size, dtype=bool)
             for name, failed, field, message in checks:
                 failed &= ok
                 if failed.any():
                     j = int(np.argmax(failed))
                     reason[idx[failed]] = _REASON_CODE[name]
-                    messages.setdefault(name, f"events[{idx[j]}]{field}: " + message.format(s=s[j], y=y[j]))
+                    note(name, int(idx[j]), f"{field}: " + message.format(s=s[j], y=y[j]))
                     ok &= ~failed
             if ok.any():
                 groups.append((task, version, ref, idx[ok]))
@@ -264,7 +273,7 @@ class FeedbackRecorder:
         for b in np.flatnonzero(below).tolist():
             m.negatives_below.labels(*tv, str(b)).inc(int(below[b]))
 
-    def _outcomes(self, task_label: np.ndarray, reason: np.ndarray, messages: dict[str, str]) -> dict[str, Any]:
+    def _outcomes(self, task_label: np.ndarray, reason: np.ndarray, messages: dict[str, tuple[int, str]]) -> dict[str, Any]:
         """Count events per (task, outcome) and build the answer."""
         outcomes = ("accepted", *FEEDBACK_REASONS)
         rejected: dict[str, int] = {}
@@ -279,5 +288,5 @@ class FeedbackRecorder:
         accepted = int((reason == 0).sum())
         out: dict[str, Any] = {"accepted": accepted, "rejected": rejected}
         if messages:
-            out["detail"] = {r: messages[r] for r in rejected if r in messages}
+            out["detail"] = {r: messages[r][1] for r in rejected if r in messages}
         return out
