@@ -290,7 +290,7 @@ class RunningPrometheus:
 
 def write_config(
     workdir: Path,
-    target: str,
+    target: str | list[str],
     *,
     job: str = "ranker",
     metrics_path: str = "/metrics",
@@ -298,7 +298,8 @@ def write_config(
     evaluation_interval: str = "1s",
     rule_files: list[Path] | None = None,
 ) -> Path:
-    """A prometheus.yml scraping ``target`` (host:port) and loading the project's rules."""
+    """A prometheus.yml scraping ``target`` (host:port, or a list of them) and loading the
+    project's rules."""
     rules = rule_files if rule_files is not None else sorted(RULES_DIR.glob("*.yml"))
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
@@ -307,7 +308,7 @@ def write_config(
             {
                 "job_name": job,
                 "metrics_path": metrics_path,
-                "static_configs": [{"targets": [target]}],
+                "static_configs": [{"targets": [target] if isinstance(target, str) else list(target)}],
             }
         ],
     }
@@ -317,7 +318,7 @@ def write_config(
 
 
 def start_prometheus(
-    target: str,
+    target: str | list[str],
     workdir: Path,
     *,
     port: int | None = None,
@@ -330,7 +331,7 @@ def start_prometheus(
 ) -> RunningPrometheus:
     """Start ``prometheus`` in ``workdir`` and return once it answers /-/ready.
 
-    ``target`` is the host:port to scrape as job ``job``; pass ``port`` to choose the
+    ``target`` is the host:port (or a list of them) to scrape as job ``job``; pass ``port`` to choose the
     listen port (e.g. to let Prometheus scrape itself). Use as a context manager or call
     ``stop()``.
     """

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -25,8 +24,8 @@ from ranker.serving import ServingSettings, create_app
 from ranker.serving.errors import FEEDBACK_REASONS, FEEDBACK_REQUEST_REASONS, REASONS
 from ranker.serving.feedback import KEEP_VERSIONS, FeedbackRecorder, TaskRef
 from ranker.serving.metrics import FeedbackMetrics
-from ranker.training.data import Loader, ParquetSource, label_columns
 from ranker.training.metrics import auc, binary_metrics
+from tests.feedback_events import as_events, labelled_scores
 from tests.serving_fixtures import TASKS, mmoe_bundle, serving_data, shared_bottom_bundle
 
 TOKEN = "feedback-s3cret"
@@ -127,31 +126,6 @@ def bundle_path() -> Path:
 @pytest.fixture(scope="module")
 def offline(bundle_path: Path) -> Bundle:
     return load_bundle(bundle_path)
-
-
-def labelled_scores(b: Bundle, data: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{task: (labels, scores)} of every labelled row of ``data``, as `ranker evaluate` sees them."""
-    src = ParquetSource(str(data), "--data", b.featurizer.columns + label_columns(b.config.tasks))
-    ys: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
-    ps: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
-    with torch.inference_mode():
-        for batch in Loader(src, b.featurizer, b.config.tasks, 512)():
-            out = b.model.predict(batch)
-            for t in TASKS:
-                y = batch[f"label:{t}"].numpy()
-                ok = ~np.isnan(y)
-                ys[t].append(y[ok])
-                ps[t].append(out[t].numpy()[ok])
-    return {t: (np.concatenate(ys[t]), np.concatenate(ps[t])) for t in TASKS}
-
-
-def as_events(version: str, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
-    # float(float32) is exact, and JSON carries the float64 exactly: the server sees the same number
-    return [
-        {"model_version": version, "task": t, "score": float(s), "label": float(y)}
-        for t, (ys, ss) in data.items()
-        for y, s in zip(ys, ss, strict=True)
-    ]
 
 
 def sums_from_registry(s: Served, b: Bundle, task: str, version: str) -> QualitySums:
