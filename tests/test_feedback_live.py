@@ -88,7 +88,9 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
     with ranker_serve(bundle_path, tmp_path / "b.log", port=port_b) as base_b:
         with start_prometheus([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], tmp_path / "prom") as prom:
             with ranker_serve(bundle_path, tmp_path / "a1.log", port=port_a) as base_a:
-                wait_for_data(prom.url, f"up{{{inst_a}}} == 1")
+                # both scraped once at 0 first: increase() cannot see what a counter gained
+                # before its first sample (a start-up race, not a restart)
+                wait_for_data(prom.url, 'count(up{job="ranker"} == 1) == 2')
                 _send(base_a, pick(a1))
                 _send(base_b, pick(b1))
                 # a's counts must be scraped before it goes away
@@ -122,13 +124,7 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
 
                 # the restart: the rule's 1h count still covers a's events from before it
                 total = _count(events)
-                try:
-                    wait_for_data(prom.url, f'task:ranker_feedback_labelled:increase1h{{task="ctr"}} > {0.97 * total["ctr"]}')
-                except AssertionError:
-                    debug = {e: query(prom.url, e) for e in (
-                        "task:ranker_feedback_labelled:increase1h", 'ranker_feedback_labelled_total{task="ctr"}[2m]',
-                        'increase(ranker_feedback_labelled_total{task="ctr"}[1h])')}
-                    raise AssertionError(f"{total}: {json.dumps(debug)}") from None
+                wait_for_data(prom.url, f'task:ranker_feedback_labelled:increase1h{{task="ctr"}} > {0.97 * total["ctr"]}')
                 # increase() extrapolates each series to the window's end by up to a scrape
                 # interval: a few percent more on a series that is only seconds old. Losing a's
                 # first life would give 60%.
@@ -148,5 +144,4 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
     assert set(rules["ne"]) == set(rules["auc_binned"]) == {"ctr", "cvr"} and set(rules["rmse"]) == {"watch"}
     for key, per_task in rules.items():
         for task, got in per_task.items():
-            print("REL", key, task, abs(got / offline[task][key] - 1))
             assert got == pytest.approx(offline[task][key], rel=5e-3), (key, task, got, offline[task][key])

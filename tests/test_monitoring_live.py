@@ -24,7 +24,6 @@ from tests.promhelpers import (
 )
 from tests.serving_fixtures import ranker_serve
 
-
 TASK_TYPES = {"ctr": "binary", "cvr": "binary", "watch": "regression"}
 
 

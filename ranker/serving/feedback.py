@@ -210,10 +210,13 @@ class FeedbackRecorder:
         if n:
             task_label[unknown_name[task_code]] = ""
         groups: list[tuple[str, str, TaskRef, np.ndarray]] = []  # (task, version, ref, event indices)
-        pair = version_code * max(len(u_task), 1) + task_code  # (N,) one code per (version, task)
-        for code in np.unique(pair[reason == 0]).tolist():
-            version, task = str(u_version[code // max(len(u_task), 1)]), str(u_task[code % max(len(u_task), 1)])
-            idx = np.flatnonzero((pair == code) & (reason == 0))
+        width = max(len(u_task), 1)
+        candidates = np.flatnonzero(reason == 0)  # (M,) well-formed events
+        pair = version_code[candidates] * width + task_code[candidates]  # (M,) one code per (version, task)
+        order = np.argsort(pair, kind="stable")  # one sort, however many distinct pairs a request holds
+        codes, starts = np.unique(pair[order], return_index=True)
+        for code, idx in zip(codes.tolist(), np.split(candidates[order], starts[1:]) if codes.size else [], strict=True):
+            version, task = str(u_version[code // width]), str(u_task[code % width])
             tasks = versions.get(version)
             if tasks is None:
                 reason[idx] = _REASON_CODE["unknown_model_version"]
