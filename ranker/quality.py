@@ -127,7 +127,7 @@ class QualitySums:
         nan = float("nan")
         n = self.count
         out = {
-            "count": n,
+            "count": int(n),
             "label_sum": self.label_sum,
             "score_sum": self.score_sum,
             "calibration": self.score_sum / self.label_sum if self.label_sum > 0 else nan,
