@@ -50,6 +50,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from ranker.bundle import load_bundle
     from ranker.training.data import Loader, ParquetSource, label_columns
+    from ranker.training.monitoring import monitoring_figures
     from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
 
     b = load_bundle(a.bundle)
@@ -58,11 +59,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     assert src.schema is not None
     b.featurizer.check_compatible(src.schema, str(src.files[0]))
     res = evaluate(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
+    # a second pass, in bounded memory: the figures the production feedback rules compute
+    mon = monitoring_figures(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, b.reference)
     if a.json:
-        print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics}, indent=2))
+        print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon}, indent=2))
     else:
         print(f"{a.data} on bundle {b.version}:")
         print("\n".join(format_metrics(res.metrics)))
+        print("as the feedback rules compute them (calibration = sum score / sum label, NE, AUC on the reference bins):")
+        print("\n".join(format_metrics(mon)))
 
 
 def _cmd_compare(a: argparse.Namespace) -> None:

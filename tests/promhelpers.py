@@ -51,6 +51,16 @@ CONTRACT_COUNTERS = (
     "ranker_task_score_bin_total",
     "ranker_feature_missing_total",
     "ranker_invalid_requests_total",
+    # POST /feedback: delayed labels of served scores (ranker/serving/feedback.py)
+    "ranker_feedback_events_total",
+    "ranker_feedback_invalid_requests_total",
+    "ranker_feedback_labelled_total",
+    "ranker_feedback_label_total",
+    "ranker_feedback_score_total",
+    "ranker_feedback_logloss_nats_total",
+    "ranker_feedback_squared_error_total",
+    "ranker_feedback_score_bin_total",
+    "ranker_feedback_negatives_below_total",
 )
 CONTRACT_HISTOGRAMS = (
     "ranker_request_duration_seconds",
@@ -64,7 +74,17 @@ CONTRACT_GAUGES = (
     "ranker_task_drift_psi",
     "ranker_model_info",
     "ranker_ready",
+    "ranker_task_validation_calibration",
+    "ranker_task_validation_ne",
+    "ranker_task_validation_rmse",
 )
+# series only binary tasks have, and only regression tasks have: a dashboard query selecting
+# them may be empty for a task of the other type
+BINARY_ONLY = frozenset(
+    {"ranker_feedback_logloss_nats_total", "ranker_feedback_score_bin_total", "ranker_feedback_negatives_below_total",
+     "ranker_task_validation_calibration", "ranker_task_validation_ne"}
+)  # fmt: skip
+REGRESSION_ONLY = frozenset({"ranker_feedback_squared_error_total", "ranker_task_validation_rmse"})
 # every series name a query may select: histograms as their _bucket/_sum/_count series
 CONTRACT_SERIES = frozenset(
     [*CONTRACT_COUNTERS, *CONTRACT_GAUGES]
@@ -136,6 +156,34 @@ def recorded_names(rules_dir: Path = RULES_DIR) -> set[str]:
         for rule in group["rules"]
         if "record" in rule
     }
+
+
+def source_series(names: set[str], rules_dir: Path = RULES_DIR) -> set[str]:
+    """``names`` with every recording rule among them replaced, recursively, by the series
+    its expression reads: what a query rests on in the server's /metrics."""
+    exprs = {
+        rule["record"]: rule["expr"]
+        for path in sorted(rules_dir.glob("*.yml"))
+        for group in rule_groups(path)
+        for rule in group["rules"]
+        if "record" in rule
+    }
+    out: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in exprs:
+            todo += [n for n in metric_names(exprs.pop(name))]
+        else:
+            out.add(name)
+    return out
+
+
+def applies_to(expr: str, task_type: str) -> bool:
+    """False when ``expr`` rests on series only the other task type has (so it may be empty
+    for a task of ``task_type``: NE of a regression task, RMSE of a binary one)."""
+    other = REGRESSION_ONLY if task_type == "binary" else BINARY_ONLY
+    return not source_series(metric_names(expr)) & other
 
 
 # ---------------------------------------------------------------- dashboard
@@ -242,7 +290,7 @@ class RunningPrometheus:
 
 def write_config(
     workdir: Path,
-    target: str,
+    target: str | list[str],
     *,
     job: str = "ranker",
     metrics_path: str = "/metrics",
@@ -250,7 +298,8 @@ def write_config(
     evaluation_interval: str = "1s",
     rule_files: list[Path] | None = None,
 ) -> Path:
-    """A prometheus.yml scraping ``target`` (host:port) and loading the project's rules."""
+    """A prometheus.yml scraping ``target`` (host:port, or a list of them) and loading the
+    project's rules."""
     rules = rule_files if rule_files is not None else sorted(RULES_DIR.glob("*.yml"))
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
@@ -259,7 +308,7 @@ def write_config(
             {
                 "job_name": job,
                 "metrics_path": metrics_path,
-                "static_configs": [{"targets": [target]}],
+                "static_configs": [{"targets": [target] if isinstance(target, str) else list(target)}],
             }
         ],
     }
@@ -269,7 +318,7 @@ def write_config(
 
 
 def start_prometheus(
-    target: str,
+    target: str | list[str],
     workdir: Path,
     *,
     port: int | None = None,
@@ -282,7 +331,7 @@ def start_prometheus(
 ) -> RunningPrometheus:
     """Start ``prometheus`` in ``workdir`` and return once it answers /-/ready.
 
-    ``target`` is the host:port to scrape as job ``job``; pass ``port`` to choose the
+    ``target`` is the host:port (or a list of them) to scrape as job ``job``; pass ``port`` to choose the
     listen port (e.g. to let Prometheus scrape itself). Use as a context manager or call
     ``stop()``.
     """

@@ -135,10 +135,13 @@ def shared_bottom_bundle() -> Path:
 
 
 @contextmanager
-def ranker_serve(bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[str]:
-    """A real ``ranker serve`` process on a free loopback port; yields its base URL once
-    /readyz answers 200, and stops it (Ctrl-C, then kill) on the way out. Output goes to ``log``."""
-    port = free_port()
+def ranker_serve(
+    bundle: Path, log: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, port: int | None = None
+) -> Iterator[str]:
+    """A real ``ranker serve`` process on a loopback port (``port``, or a free one); yields its
+    base URL once /readyz answers 200, and stops it (Ctrl-C, then kill) on the way out. Output
+    goes to ``log``."""
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "wb") as out:

@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
+from ranker.quality import QualitySums
 from tests.promhelpers import (
     CONTRACT_SERIES,
     DASHBOARD,
@@ -33,6 +35,7 @@ from tests.promhelpers import (
     REPO,
     RULES_DIR,
     api_get,
+    applies_to,
     dashboard_queries,
     fill_variables,
     free_port,
@@ -44,6 +47,7 @@ from tests.promhelpers import (
     recorded_names,
     require_tool,
     rule_groups,
+    source_series,
     start_prometheus,
     wait_for_data,
 )
@@ -632,8 +636,10 @@ def test_dashboard_queries_use_only_the_contract() -> None:
         assert names, f"{q.panel} {q.ref}: selects no metric"
         assert names <= allowed, f"{q.panel} {q.ref}: unknown {names - allowed}"
         used |= names
-    # and the dashboard shows every metric the server exposes
+    # and the dashboard shows every metric the server exposes, directly or through a
+    # recording rule it plots
     histograms = {n.rsplit("_", 1)[0] for n in CONTRACT_SERIES if n.endswith("_bucket")}
+    used = source_series(used)
     shown = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count") for n in used}
     contract = {
         n for n in CONTRACT_SERIES if not n.endswith(("_bucket", "_sum", "_count"))
@@ -682,6 +688,10 @@ def test_start_prometheus_scrapes_itself_and_loads_the_rules(tmp_path: Path) -> 
 # scrape advances the counters by one "minute" of traffic, so shares are exact.
 FAKE_REFERENCE = {"ctr": (0.1, 0.2, 0.3, 0.4), "cvr": (0.25, 0.25, 0.25, 0.25)}
 FAKE_BIN_RATE = {"ctr": (4, 4, 4, 8), "cvr": (5, 5, 10, 0)}
+# feedback a scrape, per task: labelled events by label and reference bin, sums of scores and
+# log loss, as a replica serving model version v1 would count them
+FAKE_POSITIVES, FAKE_NEGATIVES = (1, 2, 3, 4), (4, 3, 2, 1)
+FAKE_SCORE_SUM, FAKE_LOGLOSS_SUM = 10.5, 12.0
 
 
 def _psi(observed: tuple[int, ...], reference: tuple[float, ...], floor: float = 1e-4) -> float:
@@ -765,6 +775,32 @@ class _FakeRanker:
         yield counter("ranker_invalid_requests_total", ["reason"], [(["schema"], n)])
         yield gauge("ranker_model_info", ["version", "architecture"], [(["v1", "mmoe"], 1)])
         yield gauge("ranker_ready", [], [([], 1)])
+        # POST /feedback sums (binary tasks only: no RMSE series)
+        tv = ["task", "model_version"]
+        pos, neg = FAKE_POSITIVES, FAKE_NEGATIVES
+        below = [sum(neg[:b]) for b in range(len(neg))]
+        yield counter(
+            "ranker_feedback_events_total",
+            ["task", "outcome"],
+            [([t, "accepted"], (sum(pos) + sum(neg)) * n) for t in tasks] + [([t, "bad_label"], n) for t in tasks],
+        )
+        yield counter("ranker_feedback_invalid_requests_total", ["reason"], [(["bad_json"], n)])
+        yield counter("ranker_feedback_labelled_total", tv, [([t, "v1"], (sum(pos) + sum(neg)) * n) for t in tasks])
+        yield counter("ranker_feedback_label_total", tv, [([t, "v1"], sum(pos) * n) for t in tasks])
+        yield counter("ranker_feedback_score_total", tv, [([t, "v1"], FAKE_SCORE_SUM * n) for t in tasks])
+        yield counter("ranker_feedback_logloss_nats_total", tv, [([t, "v1"], FAKE_LOGLOSS_SUM * n) for t in tasks])
+        yield counter(
+            "ranker_feedback_score_bin_total",
+            [*tv, "label", "bin"],
+            [([t, "v1", y, str(b)], c * n) for t in tasks for y, cs in (("1", pos), ("0", neg)) for b, c in enumerate(cs)],
+        )
+        yield counter(
+            "ranker_feedback_negatives_below_total",
+            [*tv, "bin"],
+            [([t, "v1", str(b)], c * n) for t in tasks for b, c in enumerate(below)],
+        )
+        yield gauge("ranker_task_validation_calibration", ["task"], [([t], 1.0) for t in tasks])
+        yield gauge("ranker_task_validation_ne", ["task"], [([t], 0.9) for t in tasks])
 
 
 def test_dashboard_and_rules_on_contract_metrics(tmp_path: Path) -> None:
@@ -780,8 +816,13 @@ def test_dashboard_and_rules_on_contract_metrics(tmp_path: Path) -> None:
             wait_for_data(prom.url, "count(task:ranker_task_score:psi1h) == 2")
             wait_for_data(prom.url, "sum(rate(ranker_requests_total[1m])) > 0")
             wait_for_data(prom.url, 'ALERTS{alertname="RankerScoreDriftCritical"}')
-            for task in FAKE_REFERENCE:
-                empty = [q for q in dashboard_queries(task=task) if not query(prom.url, q.expr)]
+            wait_for_data(prom.url, "count(task:ranker_feedback_auc:1h) == 2")
+            for task in FAKE_REFERENCE:  # binary tasks: RMSE panels may be empty
+                empty = [
+                    q
+                    for q in dashboard_queries(task=task)
+                    if applies_to(q.expr, "binary") and not query(prom.url, q.expr)
+                ]
                 assert not empty, f"queries without data for task {task}: {empty}"
             psi = {
                 r["metric"]["task"]: float(r["value"][1])
@@ -789,6 +830,16 @@ def test_dashboard_and_rules_on_contract_metrics(tmp_path: Path) -> None:
             }
             expected = {t: _psi(FAKE_BIN_RATE[t], FAKE_REFERENCE[t]) for t in FAKE_REFERENCE}
             assert psi == pytest.approx(expected, rel=1e-6)
+            # the feedback rules give what ranker.quality computes from the same sums (one
+            # target: every series is extrapolated alike, so the ratios are exact)
+            sums = QualitySums("binary", [0.25, 0.5, 0.75])
+            sums.count, sums.label_sum = sum(FAKE_POSITIVES) + sum(FAKE_NEGATIVES), sum(FAKE_POSITIVES)
+            sums.score_sum, sums.log_loss_sum = FAKE_SCORE_SUM, FAKE_LOGLOSS_SUM
+            sums.positives, sums.negatives = np.array(FAKE_POSITIVES, float), np.array(FAKE_NEGATIVES, float)
+            want = sums.figures()
+            for rule, key in (("calibration:ratio_1h", "calibration"), ("ne:1h", "ne"), ("auc:1h", "auc_binned")):
+                got = {r["metric"]["task"]: float(r["value"][1]) for r in query(prom.url, f"task:ranker_feedback_{rule}")}
+                assert got == pytest.approx({t: want[key] for t in FAKE_REFERENCE}, rel=1e-9), rule
             # cvr (PSI 2.13) is already pending as critical; ctr (0.11) only as a warning
             alerts = api_get(prom.url, "/api/v1/alerts")["alerts"]
             pending = {(a["labels"]["alertname"], a["labels"].get("task")) for a in alerts}

@@ -1,6 +1,7 @@
 """The dashboard and rules against the real thing: a real `ranker serve` process scraped by a
-real Prometheus. Every panel query must return data for every task, and the recording rules
-(PSI included) must evaluate."""
+real Prometheus. Every panel query must return data for every task (but those resting on
+series only the other task type has: NE of a regression task, RMSE of a binary one), and the
+recording rules (PSI and feedback included) must evaluate."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.promhelpers import (
     api_get,
+    applies_to,
     dashboard_queries,
     query,
     recorded_names,
@@ -21,6 +23,8 @@ from tests.promhelpers import (
     wait_for_data,
 )
 from tests.serving_fixtures import ranker_serve
+
+TASK_TYPES = {"ctr": "binary", "cvr": "binary", "watch": "regression"}
 
 
 def _post(url: str, body: object) -> int:
@@ -53,10 +57,26 @@ def test_every_dashboard_query_returns_data_from_a_real_server(served: tuple[str
             if i % 10 == 0:
                 assert _post(base + "/predict?tasks=nope", {"items": _items(2)}) == 422
             time.sleep(0.1)
+        # labels come back for every task: both classes for the binary ones
+        with urllib.request.urlopen(base + "/readyz", timeout=10) as r:
+            version = json.load(r)["model_version"]
+        events = [
+            {"model_version": version, "task": t, "score": 0.1 + 0.2 * (i % 4), "label": i % 3 == 0} if ty == "binary"
+            else {"model_version": version, "task": t, "score": 2.0 + i % 5, "label": 3.0 * (i % 2)}
+            for t, ty in TASK_TYPES.items()
+            for i in range(30)
+        ]  # fmt: skip
+        assert _post(base + "/feedback", {"events": [{**e, "label": float(e["label"])} for e in events]}) == 200
+        assert _post(base + "/feedback", {"events": [{**events[0], "score": 2.0}]}) == 200  # one refused
         wait_for_data(prom.url, "sum(rate(ranker_task_items_total[1m])) > 0")
         wait_for_data(prom.url, "count(task:ranker_task_score:psi1h) == 3", timeout=60)
-        for task in ("ctr", "cvr", "watch"):
-            empty = [f"{q.panel} / {q.ref}: {q.expr}" for q in dashboard_queries(task=task) if not query(prom.url, q.expr)]
+        wait_for_data(prom.url, "count(task:ranker_feedback_calibration:ratio_1h) == 3", timeout=60)
+        for task, ttype in TASK_TYPES.items():
+            empty = [
+                f"{q.panel} / {q.ref}: {q.expr}"
+                for q in dashboard_queries(task=task)
+                if applies_to(q.expr, ttype) and not query(prom.url, q.expr)
+            ]
             assert not empty, f"dashboard queries without data for task {task}:\n" + "\n".join(empty)
         # every recording rule evaluates without error and yields a value
         groups = api_get(prom.url, "/api/v1/rules")["groups"]

@@ -6,6 +6,7 @@
     GET  /readyz                  model loaded and warm (503 otherwise)
     GET  /model                   version, architecture, tasks, features, training metrics
     POST /admin/reload            swap in another bundle (bearer token; 404 when disabled)
+    POST /feedback                labelled events of served scores -> per-task quality sums
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ from ranker.serving.deps import (
     Tasks,
     check_content_length,
     reload_request,
+    require_feedback_token,
 )
 from ranker.serving.errors import REASONS, ServingError
+from ranker.serving.feedback import FEEDBACK_PATH
 from ranker.serving.metrics import ServingMetrics
 from ranker.serving.predictor import load_model
 from ranker.serving.schemas import (
+    FEEDBACK_REQUEST_SCHEMA,
     ErrorResponse,
+    FeedbackResponse,
     Health,
     ModelInfo,
     PredictRequest,
@@ -97,6 +102,19 @@ async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_requ
     return ReloadResponse(previous_version=old.version, model_version=new.version, architecture=new.architecture, tasks=new.task_names)
 
 
+@router.post(
+    FEEDBACK_PATH,
+    response_model=FeedbackResponse,
+    response_model_exclude_none=True,
+    responses={401: {}, **_ERRORS},  # type: ignore[dict-item]
+    dependencies=[Depends(require_feedback_token), Depends(check_content_length)],
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_REQUEST_SCHEMA}}}},
+)
+async def feedback(state: State, body: Body) -> FeedbackResponse:
+    """Count labelled events (any replica takes any event; nothing is kept per prediction)."""
+    return FeedbackResponse.model_validate(await anyio.to_thread.run_sync(state.feedback.record, body))
+
+
 class PredictMetricsMiddleware:
     """Counts /predict responses by status class and times them up to the last body byte
     (background bookkeeping after that is not the caller's wait), including 413/422 answers
@@ -150,7 +168,9 @@ class PredictMetricsMiddleware:
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServingError)
-    if exc.reason in REASONS:
+    if request.url.path == FEEDBACK_PATH:
+        request.app.state.serving.feedback.metrics.invalid.labels(exc.reason).inc()
+    elif exc.reason in REASONS:
         request.app.state.serving.metrics.invalid.labels(exc.reason).inc()
     headers = {"Connection": "close"} if exc.close else None
     return JSONResponse(ErrorResponse(detail=str(exc), reason=exc.reason, field=exc.field).model_dump(), status_code=exc.status, headers=headers)

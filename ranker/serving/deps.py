@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from ranker.errors import RankerError
 from ranker.serving.errors import RequestError, ServingError
-from ranker.serving.metrics import ServingMetrics
+from ranker.serving.feedback import FeedbackRecorder
+from ranker.serving.metrics import FeedbackMetrics, ServingMetrics
 from ranker.serving.parsing import field_name
 from ranker.serving.predictor import LoadedModel, Prediction, load_model
 from ranker.serving.schemas import ReloadRequest
@@ -39,6 +40,8 @@ class ServingState:
         self.current = loaded
         self.metrics = ServingMetrics(registry, lambda: self.current)
         self.metrics.model_loaded(loaded, None)
+        self.feedback = FeedbackRecorder(FeedbackMetrics(registry), settings.max_items)
+        self.feedback.model_loaded(loaded)
         self.ready = False
         # anyio primitives bind to the running event loop, so they are made on first use
         self._limiter: anyio.CapacityLimiter | None = None
@@ -79,6 +82,7 @@ class ServingState:
                 raise ServingError(422, "bad_bundle", "bundle", f"refused, still serving {self.current.version}: {e}") from None
             old, self.current = self.current, new  # the swap: one reference assignment
             self.metrics.model_loaded(new, old)
+            self.feedback.model_loaded(new)
             return old, new
 
 
@@ -164,3 +168,13 @@ async def reload_request(request: Request, _admin: Annotated[None, Depends(requi
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         raise ServingError(422, "bad_request", field_name(tuple(err["loc"])), err["msg"]) from None
+
+
+async def require_feedback_token(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Open while no feedback token is configured; else 401 unless ``Authorization: Bearer <token>``."""
+    token = state.settings.feedback_token
+    if token is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise HTTPException(401, "POST /feedback needs 'Authorization: Bearer <RANKER_FEEDBACK_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})

@@ -33,3 +33,18 @@ class RequestError(ServingError):
 
     def __init__(self, reason: Reason, field: str, message: str, status: int = 422, close: bool = False) -> None:
         super().__init__(status, reason, field, message, close)
+
+
+# Why a POST /feedback event was not counted: outcome values of ranker_feedback_events_total
+# (besides "accepted") and the keys of the answer's "rejected".
+FeedbackReason = Literal[
+    "bad_event",  # not an object with model_version and task (strings), score and label (numbers)
+    "unknown_model_version",  # a version this server has not loaded (labels stay bounded)
+    "unknown_task",  # not a task of that model version
+    "non_finite",  # score or label NaN or infinite
+    "score_out_of_range",  # a binary task's score outside [0, 1]; a regression task's below 0
+    "bad_label",  # a binary task's label other than 0 or 1; a regression task's below 0
+]
+FEEDBACK_REASONS: tuple[str, ...] = get_args(FeedbackReason)
+# Why a whole POST /feedback request was refused: ranker_feedback_invalid_requests_total{reason}.
+FEEDBACK_REQUEST_REASONS = ("bad_json", "bad_type", "too_many_items", "body_too_large")

@@ -11,7 +11,8 @@ time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -24,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ranker.serving.errors import REASONS
+from ranker.serving.errors import FEEDBACK_REASONS, FEEDBACK_REQUEST_REASONS, REASONS
 from ranker.serving.predictor import LoadedModel, Prediction
 
 # client_closed: the client hung up before any answer was sent (nginx logs these as 499). Not a
@@ -146,3 +147,89 @@ class ServingMetrics:
         for feature, n in p.missing.items():
             if n:
                 self.feature_missing.labels(feature).inc(n)
+
+
+class FeedbackMetrics:
+    """The metrics of ``POST /feedback`` (labelled events of served scores), on ``registry``.
+
+    Only sums, so that Prometheus can add them across replicas and restarts before taking
+    ratios (``ranker.quality`` has the formulas, the recording rules apply them). Every sum is
+    per task and per the model version that served the score; binary tasks also count events
+    into the version's reference score bins, split by label, for the binned AUC.
+    Plain ``Counter``/``Gauge`` objects, so any aggregation of the registry applies to them.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r, tv = registry, ["task", "model_version"]
+        self.events = Counter(
+            "ranker_feedback_events", "Feedback events by task and outcome: accepted, or why refused (task is empty when unknown).",
+            ["task", "outcome"], registry=r,
+        )  # fmt: skip
+        self.invalid = Counter("ranker_feedback_invalid_requests", "Refused POST /feedback requests (no event counted) by reason.", ["reason"], registry=r)
+        self.labelled = Counter("ranker_feedback_labelled", "Accepted labelled events.", tv, registry=r)
+        self.label = Counter("ranker_feedback_label", "Sum of the labels of accepted events (observed positives for a binary task).", tv, registry=r)
+        self.score = Counter("ranker_feedback_score", "Sum of the served scores of accepted events (expected positives for a binary task).", tv, registry=r)
+        self.logloss = Counter("ranker_feedback_logloss_nats", "Sum of the log loss of accepted events of binary tasks, in nats.", tv, registry=r)
+        self.squared_error = Counter("ranker_feedback_squared_error", "Sum of (score - label)^2 of accepted events of regression tasks.", tv, registry=r)
+        self.score_bin = Counter(
+            "ranker_feedback_score_bin", "Accepted events of binary tasks by label and the reference bin their score fell in.",
+            [*tv, "label", "bin"], registry=r,
+        )  # fmt: skip
+        self.negatives_below = Counter(
+            "ranker_feedback_negatives_below", "Accepted negative events of binary tasks whose score fell in a reference bin below `bin` (for AUC).",
+            [*tv, "bin"], registry=r,
+        )  # fmt: skip
+        self.validation_calibration = Gauge(
+            "ranker_task_validation_calibration", "Calibration of the served bundle on its validation split (metrics.json).", ["task"],
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.validation_ne = Gauge(
+            "ranker_task_validation_ne", "Normalized entropy of the served bundle on its validation split (metrics.json).", ["task"],
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.validation_rmse = Gauge(
+            "ranker_task_validation_rmse", "RMSE of the served bundle on its validation split (metrics.json), label units.", ["task"],
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        for reason in FEEDBACK_REQUEST_REASONS:
+            self.invalid.labels(reason)
+        for reason in ("bad_event", "unknown_task", "unknown_model_version"):  # refusals that may name no known task
+            self.events.labels("", reason)
+
+    def _version_series(self, task: str, version: str, task_type: str, bins: int) -> list[tuple[Counter, tuple[str, ...]]]:
+        """Every (counter, labels) of one task and model version."""
+        out: list[tuple[Counter, tuple[str, ...]]] = [(c, (task, version)) for c in (self.labelled, self.label, self.score)]
+        if task_type == "binary":
+            out.append((self.logloss, (task, version)))
+            out += [(self.score_bin, (task, version, y, str(b))) for y in ("0", "1") for b in range(bins)]
+            out += [(self.negatives_below, (task, version, str(b))) for b in range(bins)]
+        else:
+            out.append((self.squared_error, (task, version)))
+        return out
+
+    def add_version(self, version: str, tasks: dict[str, tuple[str, int]]) -> None:
+        """Create a model version's series at 0 (``tasks``: {task: (type, bins)}), so that
+        ``increase()`` sees its first events."""
+        for task, (task_type, bins) in tasks.items():
+            for outcome in ("accepted", *FEEDBACK_REASONS):
+                self.events.labels(task, outcome)
+            for counter, labels in self._version_series(task, version, task_type, bins):
+                counter.labels(*labels)
+
+    def remove_version(self, version: str, tasks: dict[str, tuple[str, int]]) -> None:
+        """Drop a forgotten version's series (keeps the label sets bounded)."""
+        for task, (task_type, bins) in tasks.items():
+            for counter, labels in self._version_series(task, version, task_type, bins):
+                try:
+                    counter.remove(*labels)
+                except KeyError:
+                    pass
+
+    def set_validation(self, metrics: Mapping[str, Mapping[str, object]], tasks: Sequence[str]) -> None:
+        """The served bundle's validation figures per task (only the finite ones it has)."""
+        for gauge, key in ((self.validation_calibration, "calibration"), (self.validation_ne, "ne"), (self.validation_rmse, "rmse")):
+            gauge.clear()
+            for task in tasks:
+                v = metrics.get(task, {}).get(key)
+                if isinstance(v, int | float) and math.isfinite(v):
+                    gauge.labels(task).set(float(v))

@@ -78,6 +78,35 @@ class ReloadResponse(BaseModel):
     tasks: list[str]
 
 
+class FeedbackEvent(BaseModel):
+    """One labelled event: the score a model version served for a task, and the final label."""
+
+    model_version: str = Field(examples=["3f2a9c01d4e5b6a7"])
+    task: str = Field(examples=["ctr"])
+    score: float = Field(description="the served score: a probability for a binary task, label units for regression")
+    label: float = Field(description="0 or 1 for a binary task; the observed value for regression")
+
+
+class FeedbackRequest(BaseModel):
+    events: list[FeedbackEvent]
+
+
+def _feedback_request_schema() -> dict[str, Any]:
+    """The request's JSON schema with the event schema inlined (OpenAPI has no ``$defs``)."""
+    schema = FeedbackRequest.model_json_schema()
+    schema["properties"]["events"]["items"] = schema.pop("$defs")["FeedbackEvent"]
+    return schema
+
+
+FEEDBACK_REQUEST_SCHEMA = _feedback_request_schema()
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int
+    rejected: dict[str, int]  # refused events by reason
+    detail: dict[str, str] | None = None  # per reason, the first refused event and why
+
+
 def encode_predict_response(version: str, scores: Mapping[str, np.ndarray]) -> bytes:
     """The JSON of a ``PredictResponse`` built directly from float32 score arrays: orjson
     writes each float32 in C as the shortest text that reads back to the same float32 (four

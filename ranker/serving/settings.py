@@ -26,6 +26,7 @@ from ranker.errors import RankerError
 
 ENV_PREFIX = "RANKER_"
 ADMIN_TOKEN_ENV = "RANKER_ADMIN_TOKEN"
+FEEDBACK_TOKEN_ENV = "RANKER_FEEDBACK_TOKEN"
 
 
 def _default_concurrency() -> int:
@@ -54,6 +55,9 @@ class ServingSettings(BaseModel):
     # queueing without bound (every waiting request holds its body in memory)
     max_queue: int = Field(default=256, ge=0)
     admin_token: SecretStr | None = None  # None: POST /admin/reload answers 404
+    # None: POST /feedback is open; else it needs "Authorization: Bearer <token>" (from the
+    # RANKER_FEEDBACK_TOKEN environment variable only)
+    feedback_token: SecretStr | None = None
     drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi
     warmup_rows: int = Field(default=1_000, gt=0)  # largest warm-up batch (capped at max_items) before ready
     # torch intra-op threads per forward; None = cores // concurrency, so concurrent forwards
@@ -61,7 +65,7 @@ class ServingSettings(BaseModel):
     # take 10-30x longer)
     torch_threads: int | None = Field(default=None, gt=0)
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "feedback_token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, v: object) -> object:
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
@@ -95,6 +99,8 @@ class ServingSettings(BaseModel):
             if v is not None:
                 if name == "admin_token":
                     raise RankerError(f"admin_token: set it with the {ADMIN_TOKEN_ENV} environment variable")
+                if name == "feedback_token":
+                    raise RankerError(f"feedback_token: set it with the {FEEDBACK_TOKEN_ENV} environment variable")
                 merged[name], origin[name] = v, name
         try:
             return cls.model_validate(merged)

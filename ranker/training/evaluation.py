@@ -1,6 +1,6 @@
 """Per-task metrics of a pass over data in bounded memory, mergeable across ranks.
 
-Metrics that are sums (log loss, calibration, RMSE, MAE; R^2 through a mean/M2 merge) are
+Metrics that are sums (log loss, NE, calibration, RMSE, MAE; R^2 through a mean/M2 merge) are
 exact at any size. AUC is exact (every labelled score kept, the tie-aware rank sum of
 ``metrics.auc``) while a task has at most ``EXACT_AUC_ROWS`` labelled rows over all ranks;
 past that it comes from a histogram of 2^16 bins on the logit scale, and the result carries
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ranker.quality import normalized_entropy
 from ranker.training.distributed import Collective
 from ranker.training.metrics import auc, task_metrics
 
@@ -151,6 +152,7 @@ class TaskAccumulator:
             "logloss": float(sums[3] / n),
             "calibration": float((sums[2] / n) / mean_y) if mean_y > 0 else float("nan"),
             "count": n,
+            "ne": normalized_entropy(float(sums[3] / n), float(mean_y)),
         }
         if err is not None:
             out["auc_max_error"] = err

@@ -1,6 +1,7 @@
 """Per-task evaluation metrics, computed exactly from all predictions of a pass.
 
-Binary: AUC (tie-aware, Mann-Whitney), logloss, calibration (mean prediction / mean label).
+Binary: AUC (tie-aware, Mann-Whitney), logloss, calibration (mean prediction / mean label),
+NE (logloss over the entropy of the observed positive rate, ``ranker.quality``).
 Regression: RMSE, MAE (label units) and R^2. ``PRIMARY`` names each type's metric used by the
 early-stopping monitor; ``HIGHER_IS_BETTER`` gives every metric's orientation.
 """
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ranker.quality import log_loss_terms, normalized_entropy
+
 PRIMARY = {"binary": "auc", "regression": "r2"}
-HIGHER_IS_BETTER = {"auc": True, "logloss": False, "calibration": None, "rmse": False, "mae": False, "r2": True}
+HIGHER_IS_BETTER = {"auc": True, "logloss": False, "calibration": None, "ne": False, "rmse": False, "mae": False, "r2": True}
 
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -41,7 +44,16 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "logloss": float(-(y * np.log(pc) + (1 - y) * np.log1p(-pc)).mean()) if y.size else float("nan"),
         "calibration": float(pc.mean() / mean_y) if y.size and mean_y > 0 else float("nan"),
         "count": int(y.size),
-    }
+    } | binary_ne(y, p)
+
+
+def binary_ne(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """``{"ne": ...}``: normalized entropy (log loss / entropy of the observed positive rate);
+    the production feedback rules compute the same figure from the served scores."""
+    y = np.asarray(y, dtype=np.float64)
+    if not y.size:
+        return {"ne": float("nan")}
+    return {"ne": normalized_entropy(float(log_loss_terms(y, p).mean()), float(y.mean()))}
 
 
 def regression_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
