@@ -176,3 +176,10 @@ def test_binary_label_outside_0_1_is_rejected() -> None:
     rb = pa.record_batch({"click": pa.array([0, 1, 2])})
     with pytest.raises(RankerError, match="f.parquet: column 'click' has value 2; binary task 'ctr' needs 0 or 1"):
         extract_labels(rb, [TaskSpec(name="ctr", type="binary", label="click")], "f.parquet")
+
+
+def test_bundle_json_writes_undefined_metrics_as_null() -> None:
+    from ranker.bundle import _json_bytes
+
+    doc = json.loads(_json_bytes({"val": {"cvr": {"auc": float("nan"), "count": 3}}, "monitor": [float("-inf"), 1.5]}))
+    assert doc == {"val": {"cvr": {"auc": None, "count": 3}}, "monitor": [None, 1.5]}
