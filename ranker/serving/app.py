@@ -32,6 +32,7 @@ from ranker.serving.deps import (
     ServingState,
     State,
     Tasks,
+    Wire,
     check_content_length,
     reload_request,
 )
@@ -63,9 +64,10 @@ router = APIRouter()
     dependencies=[Depends(check_content_length)],
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
 )
-async def predict(state: State, loaded: Pinned, tasks: Tasks, body: Body) -> Response:
-    prediction = await state.predict(loaded, body, tasks)
-    return Response(prediction.body, media_type="application/json", background=BackgroundTask(state.observe, loaded, prediction))
+async def predict(state: State, loaded: Pinned, tasks: Tasks, wire: Wire, body: Body) -> Response:
+    prediction = await state.predict(loaded, body, tasks, wire)
+    headers = {"X-Model-Version": loaded.version}
+    return Response(prediction.body, media_type=prediction.media_type, headers=headers, background=BackgroundTask(state.observe, loaded, prediction))
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ranker.errors import RankerError
 from ranker.serving.errors import RequestError, ServingError
+from ranker.serving.formats import WireFormat, negotiate
 from ranker.serving.metrics import ServingMetrics
 from ranker.serving.parsing import field_name
 from ranker.serving.predictor import LoadedModel, Prediction, load_model
@@ -48,7 +49,7 @@ class ServingState:
         self.ready = ready
         self.metrics.ready.set(1 if ready else 0)
 
-    async def predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:
+    async def predict(self, loaded: LoadedModel, body: bytes, tasks: list[str], wire: WireFormat) -> Prediction:
         """Score in a worker thread (parsing and inference are CPU-bound), at most
         ``settings.concurrency`` requests at once; the rest wait without blocking the loop."""
         if self._limiter is None:
@@ -57,7 +58,7 @@ class ServingState:
         if self._limiter.available_tokens == 0 and waiting >= self.settings.max_queue:
             self.metrics.shed.inc()
             raise ServingError(503, "overloaded", "request", f"{waiting} requests already wait for a worker; retry later")
-        return await anyio.to_thread.run_sync(loaded.predict, body, tasks, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(loaded.predict, body, tasks, wire, limiter=self._limiter)
 
     async def observe(self, loaded: LoadedModel, prediction: Prediction) -> None:
         """Count a served prediction (scores, drift windows, timings): run on the event loop
@@ -143,7 +144,14 @@ async def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(des
     return loaded.resolve_tasks(tasks)
 
 
+async def wire_format(content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
+                      accept: Annotated[str | None, Header(include_in_schema=False)] = None) -> WireFormat:
+    """Body and answer formats from Content-Type and Accept (415/406 for ones not served)."""
+    return negotiate(content_type, accept)
+
+
 Body = Annotated[bytes, Depends(body_bytes)]
+Wire = Annotated[WireFormat, Depends(wire_format)]
 Tasks = Annotated[list[str], Depends(requested_tasks)]
 
 

@@ -26,8 +26,9 @@ from ranker.errors import RankerError
 from ranker.model import MultiTaskRanker
 from ranker.serving.drift import ScoreTracker
 from ranker.serving.errors import RequestError
+from ranker.serving.formats import JSON_WIRE, WireFormat
 from ranker.serving.parsing import RequestParser
-from ranker.serving.schemas import FeatureInfo, ModelInfo, TaskInfo, encode_predict_response
+from ranker.serving.schemas import FeatureInfo, ModelInfo, TaskInfo
 from ranker.serving.settings import ServingSettings, resolve_device
 
 
@@ -93,7 +94,8 @@ class Prediction:
     shared_seconds: float
     head_seconds: dict[str, float]
     stage_seconds: dict[str, float]  # the work around the model: {"parse", "featurize", "encode"}
-    body: bytes  # the JSON response
+    body: bytes  # the response body
+    media_type: str  # its content type (JSON, or an Arrow stream)
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,10 +134,11 @@ class LoadedModel:
         except RankerError as e:
             raise RequestError("unknown_task", "tasks", str(e)) from None
 
-    def predict(self, body: bytes, tasks: Sequence[str]) -> Prediction:
-        """Parse, featurize (column-wise, the training featurizer) and score one request."""
+    def predict(self, body: bytes, tasks: Sequence[str], wire: WireFormat = JSON_WIRE) -> Prediction:
+        """Parse (JSON rows, JSON columns or an Arrow stream, as ``wire`` says), featurize
+        (column-wise, the training featurizer) and score one request."""
         t0 = time.perf_counter()
-        table = self.parser.parse(body)  # (n, one column per feature source)
+        table = wire.decode(self.parser, body)  # (n, one column per feature source)
         t1 = time.perf_counter()
         batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
         if self.device.type != "cpu":
@@ -145,7 +148,7 @@ class LoadedModel:
             out = self.model.predict(batch, tasks)  # {task: (n,)}
         scores = {t: s.float().cpu().numpy() for t, s in out.items()}
         t3 = time.perf_counter()
-        response = encode_predict_response(self.version, scores)
+        response = wire.encode(self.version, scores)
         return Prediction(
             tasks=list(tasks),
             n_items=table.num_rows,
@@ -155,6 +158,7 @@ class LoadedModel:
             head_seconds=dict(times.heads),
             stage_seconds={"parse": t1 - t0, "featurize": t2 - t1, "encode": time.perf_counter() - t3},
             body=response,
+            media_type=wire.media_type,
         )
 
     def warm_up(self, rows: int) -> None:
