@@ -38,6 +38,7 @@ from ranker.serving.deps import (
 )
 from ranker.serving.errors import REASONS, ServingError
 from ranker.serving.metrics import ServingMetrics
+from ranker.serving.openapi import bundle_openapi
 from ranker.serving.predictor import load_model
 from ranker.serving.schemas import (
     ErrorResponse,
@@ -52,7 +53,7 @@ from ranker.serving.settings import ServingSettings
 
 log = logging.getLogger("ranker.serving")
 PREDICT_PATH = "/predict"
-_ERRORS = {413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+_ERRORS = {code: {"model": ErrorResponse} for code in (406, 413, 415, 422)}
 
 router = APIRouter()
 
@@ -195,4 +196,5 @@ def create_app(settings: ServingSettings, *, registry: CollectorRegistry | None 
     app.add_middleware(PredictMetricsMiddleware, metrics=state.metrics)
     app.add_exception_handler(ServingError, _serving_error)
     app.include_router(router)
+    app.openapi = bundle_openapi(app, lambda: state.current, PREDICT_PATH)  # type: ignore[method-assign]
     return app
