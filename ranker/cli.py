@@ -88,6 +88,7 @@ def _cmd_serve(a: argparse.Namespace) -> None:
     settings = ServingSettings.from_env(
         bundle=a.bundle, host=a.host, port=a.port, device=a.device,
         max_items=a.max_items, max_body_bytes=a.max_body_bytes, concurrency=a.concurrency, max_queue=a.max_queue,
+        batch_window_ms=a.batch_window_ms,
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     prometheus_client.disable_created_metrics()  # *_created series: noise for every scrape
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
     v.add_argument("--concurrency", type=int, default=None, help="requests scored at once (default min(4, cores))")
     v.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait for a worker before 503 (default 256)")
+    v.add_argument("--batch-window-ms", type=float, default=None,
+                   help="merge concurrent requests into one forward, waiting at most this long for others (default 0: off; for GPUs)")
     v.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     v.add_argument("--access-log", action="store_true", help="log every request")
     v.set_defaults(func=_cmd_serve)

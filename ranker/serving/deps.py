@@ -79,6 +79,7 @@ class ServingState:
             except RankerError as e:
                 raise ServingError(422, "bad_bundle", "bundle", f"refused, still serving {self.current.version}: {e}") from None
             old, self.current = self.current, new  # the swap: one reference assignment
+            old.close()  # its batcher (if any) finishes the requests pinned to it, then stops
             self.metrics.model_loaded(new, old)
             return old, new
 

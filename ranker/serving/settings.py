@@ -60,6 +60,11 @@ class ServingSettings(BaseModel):
     # do not oversubscribe the cores (OpenMP teams spin-wait: oversubscribed, a forward can
     # take 10-30x longer)
     torch_threads: int | None = Field(default=None, gt=0)
+    # merge concurrent requests into one forward: the first waits at most this long for others
+    # (0: off; never waits when no other request is in flight); meant for GPUs, where a forward's
+    # cost hardly grows with its rows
+    batch_window_ms: float = Field(default=0.0, ge=0, le=100)
+    batch_max_items: int | None = Field(default=None, gt=0)  # candidates per merged forward (default max_items)
 
     @field_validator("admin_token", mode="before")
     @classmethod
