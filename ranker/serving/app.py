@@ -19,7 +19,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,7 +73,7 @@ async def predict(state: State, loaded: Pinned, tasks: Tasks, wire: Wire, body: 
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(state: State) -> Response:
-    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health, response_model_exclude_none=True)

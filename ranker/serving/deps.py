@@ -18,13 +18,14 @@ from typing import Annotated
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Header, HTTPException, Query, Request
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from ranker.errors import RankerError
 from ranker.serving.errors import RequestError, ServingError
 from ranker.serving.formats import WireFormat, negotiate
-from ranker.serving.metrics import ServingMetrics
+from ranker.serving.metrics import ScoreCollector, ServingMetrics
+from ranker.serving.multiproc import SharedScores, multiprocess_dir
 from ranker.serving.parsing import field_name
 from ranker.serving.predictor import LoadedModel, Prediction, load_model
 from ranker.serving.schemas import ReloadRequest
@@ -40,6 +41,8 @@ class ServingState:
         self.current = loaded
         self.metrics = ServingMetrics(registry, lambda: self.current)
         self.metrics.model_loaded(loaded, None)
+        path = multiprocess_dir()  # set when this process is one of several workers
+        self.shared = SharedScores(path) if path is not None else None
         self.ready = False
         # anyio primitives bind to the running event loop, so they are made on first use
         self._limiter: anyio.CapacityLimiter | None = None
@@ -64,6 +67,14 @@ class ServingState:
         """Count a served prediction (scores, drift windows, timings): run on the event loop
         once the response is sent, so the caller does not wait for the bookkeeping."""
         self.metrics.observe(loaded, prediction)
+        if self.shared is not None:
+            self.shared.publish(loaded)
+
+    def exposition(self) -> bytes:
+        """/metrics: this process's registry, or with several workers the whole server's."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        return self.shared.exposition(iter([ScoreCollector(lambda: self.current, self.shared.snapshots)]))
 
     async def reload(self, bundle: str) -> tuple[LoadedModel, LoadedModel]:
         """Load, probe and warm ``bundle`` off the loop, then swap it in; returns (old, new).
@@ -71,6 +82,9 @@ class ServingState:
         Raises:
             ServingError: 422 when the bundle cannot be served; the old model keeps serving.
         """
+        if self.settings.workers > 1:
+            raise ServingError(409, "bad_bundle", "bundle", f"a reload would reach one of {self.settings.workers} worker processes; "
+                               "restart the server (SIGHUP restarts the workers one by one) to serve another bundle")
         if self._reload_lock is None:
             self._reload_lock = anyio.Lock()
         async with self._reload_lock:
