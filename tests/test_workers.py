@@ -102,3 +102,30 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
         assert value(m, "ranker_task_score_count", task="ctr") == 0
         assert not score_pids(mdir) and served not in {int(f.stem.rsplit("_", 1)[1]) for f in mdir.glob("*.db")}
     assert not list(mdir.iterdir())  # a directory we were given is emptied of our files on exit
+
+
+def test_workers_listening_socket_gets_nodelay_connections() -> None:
+    """asyncio disables Nagle's algorithm only on sockets whose protocol says TCP; with a
+    protocol-0 listening socket (uvicorn's own) every answer waited for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from ranker.serving.workers import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def handle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            seen.append(w.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            w.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _r, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        await asyncio.sleep(0.2)
+        w.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
