@@ -183,8 +183,16 @@ class RequestParser:
         cols: dict[str, Column] = {}
         for f in featurizer.features:
             c = Column(f.source, f.type, featurizer.kinds.get(f.name))
-            if cols.setdefault(f.source, c) != c:
-                raise RankerError(f"features {f.name!r}: column {f.source!r} is read by two features of different types")
+            prev = cols.setdefault(f.source, c)
+            if prev == c:
+                continue
+            # a number read both as a dense feature and as a categorical one (age, weeks worked:
+            # a trend and per-value effects) was an integer column in training: read it as int64
+            # ids, which the dense feature casts to float as it did in training
+            if {prev.type, c.type} == {"dense", "categorical"} and "int" in (prev.kind, c.kind):
+                cols[f.source] = Column(f.source, "categorical", "int")
+                continue
+            raise RankerError(f"features {f.name!r}: column {f.source!r} is read by two features of different types")
         self.columns = list(cols.values())
         self._getters = [attrgetter(f"f{i}") for i in range(len(self.columns))]
         self._decoder = _decoder(self.columns)
