@@ -181,7 +181,7 @@ def test_bad_columns_are_422_naming_the_column(body: Any, reason: str, field: st
 def test_arrow_null_columns_and_unknown_columns_are_missing_features(rows: pa.Table) -> None:
     with app() as c:
         want = c.post("/predict", json={"items": [{"price": 3.0}, {"price": None}]}).json()["scores"]
-        body = arrow_body(_tbl(price=pa.array([3.0, None]), device=pa.nulls(2), extra=pa.array(["a", "b"])))
+        body = arrow_body(_tbl(price=pa.array([3.0, None]), device=pa.nulls(2), tags=pa.nulls(2), user_id=pa.nulls(2), extra=pa.array(["a", "b"])))
         same(c.post("/predict", content=body, headers=ARROW).json()["scores"], want)
         only_unknown = c.post("/predict", content=arrow_body(_tbl(extra=pa.array([1, 2]))), headers=ARROW)
         assert only_unknown.status_code == 200 and len(only_unknown.json()["scores"]["ctr"]) == 2

@@ -189,7 +189,7 @@ def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
     """One Arrow column made ready for the featurizer, or a 422 naming it."""
     name = c.source
     if pa.types.is_null(col.type):  # all null: every candidate misses the feature
-        return col
+        return pc.cast(col, RequestParser.arrow_type(c))  # typed, as a JSON column of nulls would be
     if c.type == "dense":
         t = _value_type(col.type)
         if not (pa.types.is_integer(t) or pa.types.is_floating(t)):

@@ -199,7 +199,7 @@ class RequestParser:
         self._validator = _validator(self.columns, max_items)
 
     @staticmethod
-    def _arrow_type(c: Column, as_string: bool = False) -> pa.DataType:
+    def arrow_type(c: Column, as_string: bool = False) -> pa.DataType:
         if c.type == "dense":
             return pa.float64()
         value = pa.int64() if c.kind == "int" and not as_string else pa.string()
@@ -275,20 +275,20 @@ class RequestParser:
         Dense values are finite already: msgspec refuses NaN, infinities and out-of-range
         numbers (the slow path then reports them), and so does the pydantic model."""
         if c.kind != "int":
-            return pa.array(values, self._arrow_type(c))
+            return pa.array(values, self.arrow_type(c))
         try:
-            return pa.array(values, self._arrow_type(c))  # ids as JSON integers
+            return pa.array(values, self.arrow_type(c))  # ids as JSON integers
         except CONVERSION_ERRORS:
             pass
         try:
-            col = pa.array(values, self._arrow_type(c, as_string=True))  # ids as decimal strings
+            col = pa.array(values, self.arrow_type(c, as_string=True))  # ids as decimal strings
         except CONVERSION_ERRORS:
             raise _Fallback from None  # one column mixing both conventions
         digits = pc.list_flatten(col) if c.type == "multi_hot" else col
         if not pc.all(pc.match_substring_regex(digits, DECIMAL_RE2), min_count=0).as_py():
             raise _Fallback  # Arrow's cast would also take hex ("0x10"): decimal only
         try:
-            return pc.cast(col, self._arrow_type(c))  # exact decimal -> int64
+            return pc.cast(col, self.arrow_type(c))  # exact decimal -> int64
         except CONVERSION_ERRORS:
             raise _Fallback from None  # out of the int64 range
 
