@@ -4,6 +4,7 @@ gauges dropped, and no stale files after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -101,6 +102,21 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
         assert value(m, "ranker_requests_total", status="2xx") == 0
         assert value(m, "ranker_task_score_count", task="ctr") == 0
         assert not score_pids(mdir) and served not in {int(f.stem.rsplit("_", 1)[1]) for f in mdir.glob("*.db")}
+        # each worker has its own SO_REUSEPORT socket: 32 connections opened at once reach both
+        # (all on one would happen with probability 2**-31 for a fair spread)
+        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)
+
+        async def burst() -> None:
+            clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(32)]
+            try:
+                codes = await asyncio.gather(*(c.post("/predict?tasks=ctr", json={"items": [{}]}) for c in clients))
+                assert all(r.status_code == 200 for r in codes)
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+        asyncio.run(burst())
+        assert len(score_pids(mdir)) == 2
+        assert value(scrape(url), "ranker_requests_total", status="2xx") == 32
     assert not list(mdir.iterdir())  # a directory we were given is emptied of our files on exit
 
 
