@@ -1,8 +1,16 @@
 """Serving benchmark: `ranker serve` under load on loopback, against a plain per-item server.
 
     python bench/bench_serving.py                    # train a synthetic-default model (1 epoch), run all
+    python bench/bench_serving.py --schema census    # the Census-Income schema (26 string + 12 int
+                                                     # categoricals, 7 dense), MMoE 8x[128,64], 1 epoch
     python bench/bench_serving.py --bundle DIR       # benchmark an existing bundle
+    python bench/bench_serving.py --formats rows,columns,arrow --workers 1,2
     python bench/bench_serving.py --torch-threads 2  # intra-op threads of every side
+
+Body formats: ``rows`` (row-wise JSON, per-user columns in ``context``), ``columns``
+(column-wise JSON, same context) and ``arrow`` (an Arrow IPC stream, strings dictionary-encoded
+as a columnar client would send them, answered as an Arrow stream). ``--workers`` runs
+`ranker serve --workers N` for each N.
 
 What it runs, all on this machine:
 - in-process: featurize+forward and forward alone on the same 1,000 rows (median of N);
@@ -244,24 +252,27 @@ class InProcess:
         # the server's whole per-request work minus HTTP: JSON parse, featurize, forward, encode
         self.loaded = load_model(bundle_dir, ServingSettings(bundle=bundle_dir, device="cpu"), warm=False)
 
-    def measure(self, tasks: list[str] | None, n: int) -> dict[str, float]:
+    def measure(self, tasks: list[str] | None, n: int, fmt: str = "rows", body: bytes | None = None) -> dict[str, float]:
         import torch
+
+        from ranker.serving.formats import JSON_WIRE, WireFormat
 
         b, table, batch, loaded = self.b, self.table, self.batch, self.loaded
         names = tasks or loaded.task_names
+        wire = WireFormat(True, True) if fmt == "arrow" else JSON_WIRE
+        payload = body if body is not None else self.body
         with torch.inference_mode():
             return {
-                "json+featurize+forward+encode": median_ms(lambda: loaded.predict(self.body, names), n),
+                "server work": median_ms(lambda: loaded.predict(payload, names, wire), n),
                 "featurize+forward": median_ms(lambda: b.model.predict(b.featurizer.transform(table), tasks), n),
-                "featurize+forward paced": median_ms(lambda: b.model.predict(b.featurizer.transform(table), tasks), n, idle=0.001),
                 "forward": median_ms(lambda: b.model.predict(batch, tasks), n),
             }
 
 
-def load_hey(url: str, body_file: Path, concurrency: int, requests: int) -> tuple[np.ndarray, float, int]:
+def load_hey(url: str, body_file: Path, concurrency: int, requests: int, ctype: str = "application/json", accept: str = "application/json") -> tuple[np.ndarray, float, int]:
     """(latencies s, wall s, failures) from hey's per-request CSV."""
     res = subprocess.run(
-        ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json", "-D", str(body_file), "-o", "csv", url],
+        ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", ctype, "-H", f"Accept: {accept}", "-D", str(body_file), "-o", "csv", url],
         capture_output=True, text=True, check=True,
     )
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
@@ -272,7 +283,7 @@ def load_hey(url: str, body_file: Path, concurrency: int, requests: int) -> tupl
     return lat, float(ends.max() - starts.min()), failed
 
 
-def load_httpx(url: str, body: bytes, concurrency: int, requests: int) -> tuple[np.ndarray, float, int]:
+def load_httpx(url: str, body: bytes, concurrency: int, requests: int, ctype: str = "application/json", accept: str = "application/json") -> tuple[np.ndarray, float, int]:
     import httpx
 
     async def run() -> tuple[list[float], float, int]:
@@ -280,7 +291,7 @@ def load_httpx(url: str, body: bytes, concurrency: int, requests: int) -> tuple[
         failed = 0
         left = requests
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(limits=limits, timeout=60, headers={"content-type": "application/json"}) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=60, headers={"content-type": ctype, "accept": accept}) as client:
 
             async def worker() -> None:
                 nonlocal left, failed
@@ -302,7 +313,7 @@ def load_httpx(url: str, body: bytes, concurrency: int, requests: int) -> tuple[
 # ---------------------------------------------------------------- main
 
 
-def server_stages(base: str) -> str:
+def server_stages(base: str, tasks: list[str]) -> str:
     """Mean per-request seconds the server itself reports (its /metrics)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -317,7 +328,7 @@ def server_stages(base: str) -> str:
         count = v.get((f"{name}_count", key), 0.0)
         return v.get((f"{name}_sum", key), 0.0) / count * 1e3 if count else float("nan")
 
-    heads = ", ".join(f"{t} {mean('ranker_task_head_duration_seconds', task=t):.2f}" for t in ("ctr", "cvr", "watch"))
+    heads = ", ".join(f"{t} {mean('ranker_task_head_duration_seconds', task=t):.2f}" for t in tasks)
     stages = ", ".join(f"{s} {mean('ranker_request_stage_duration_seconds', stage=s):.2f}" for s in ("parse", "featurize", "encode"))
     return (f"request {mean('ranker_request_duration_seconds'):.2f} ms, {stages} ms, encoder+trunk "
             f"{mean('ranker_encoder_duration_seconds'):.2f} ms, heads {heads} ms")
@@ -330,10 +341,60 @@ def _widths(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 512,256") from None
 
 
+def train_census_bundle(work: Path) -> tuple[Path, Path]:
+    """The Census-Income benchmark's MMoE (8 experts [128, 64], towers [32]) trained for one
+    epoch on its train split; returns (bundle, test split)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import census
+
+    from ranker.config import load_config
+    from ranker.training.trainer import Trainer
+
+    cfg = load_config(census.prepare(work / "census"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1, "progress": False})})
+    Trainer(cfg, progress=False, log=lambda _s: None).run(work / "census" / "bundle")
+    return work / "census" / "bundle", work / "census" / "test"
+
+
+FORMATS = ("rows", "columns", "arrow")
+
+
+def format_bodies(table: Any, rows_body: bytes) -> dict[str, tuple[bytes, str, str]]:
+    """{format: (body, content type, accept)} carrying the same candidates."""
+    import pyarrow as pa
+
+    from ranker.serving.formats import ARROW_STREAM
+
+    doc = json.loads(rows_body)
+    ctx, items = doc.get("context") or {}, doc["items"]
+    cols = {k: [it.get(k) for it in items] for k in dict.fromkeys(k for it in items for k in it)}
+    columns = json.dumps({"context": ctx, "columns": cols}).encode()
+    arrays = {}
+    for name in table.schema.names:  # the table the server builds: context already broadcast
+        col = table.column(name).combine_chunks()
+        arrays[name] = col.dictionary_encode() if pa.types.is_string(col.type) else col
+    sink = pa.BufferOutputStream()
+    t = pa.table(arrays)
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return {
+        "rows": (rows_body, "application/json", "application/json"),
+        "columns": (columns, "application/json", "application/json"),
+        "arrow": (sink.getvalue().to_pybytes(), ARROW_STREAM, ARROW_STREAM),
+    }
+
+
+def load(client: str, url: str, body: bytes, body_file: Path, ctype: str, accept: str, conc: int, n: int) -> tuple[np.ndarray, float, int]:
+    if client == "hey":
+        return load_hey(url, body_file, conc, n, ctype, accept)
+    return load_httpx(url, body, conc, n, ctype, accept)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, help="bundle to serve (default: train the synthetic default for 1 epoch)")
-    p.add_argument("--data", type=Path, help="Parquet rows to build requests from (default: the synthetic test split)")
+    p.add_argument("--bundle", type=Path, help="bundle to serve (default: train the --schema model for 1 epoch)")
+    p.add_argument("--data", type=Path, help="Parquet rows to build requests from (default: the schema's test split)")
+    p.add_argument("--schema", choices=("synthetic", "census"), default="synthetic", help="which model to train when no --bundle")
     p.add_argument("--train-rows", type=int, default=60_000)
     p.add_argument("--expert-dims", type=_widths, help="expert layer widths of the trained model, e.g. 512,256 (default: the synthetic default's)")
     p.add_argument("--tower-dims", type=_widths, help="tower layer widths of the trained model, e.g. 128,64")
@@ -341,6 +402,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200, help="requests per load run (baseline: a quarter)")
     p.add_argument("--rounds", type=int, default=3, help="in-process / server c=1 alternations (this box is shared: noise)")
     p.add_argument("--torch-threads", type=int, default=1, help="intra-op threads in every process")
+    p.add_argument("--formats", default="rows", help=f"comma-separated body formats of {', '.join(FORMATS)}")
+    p.add_argument("--workers", default="1", help="comma-separated `ranker serve --workers` counts, e.g. 1,2")
+    p.add_argument("--tasks", default="one,all", help="task selections: one (the first task), all, or both")
+    p.add_argument("--no-baseline", action="store_true", help="skip the per-item baseline server")
     p.add_argument("--client", choices=("auto", "hey", "httpx"), default="auto")
     p.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -357,103 +422,123 @@ def main() -> None:
 
     import httpx
 
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    if bad := [f for f in formats if f not in FORMATS]:
+        p.error(f"--formats: unknown {bad}; choose from {', '.join(FORMATS)}")
+    worker_counts = [int(w) for w in a.workers.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         bundle, data = a.bundle, a.data
         if bundle is None:
             t = time.perf_counter()
-            overrides = {k: v for k, v in (("expert_dims", a.expert_dims), ("tower_dims", a.tower_dims)) if v}
-            bundle = train_default_bundle(work, a.train_rows, overrides)
-            data = data or work / "data" / "test"
-            print(f"trained the synthetic default model for 1 epoch on {a.train_rows:,} rows in {time.perf_counter() - t:.0f}s")
+            if a.schema == "census":
+                bundle, test = train_census_bundle(work)
+                data = data or test
+            else:
+                overrides = {k: v for k, v in (("expert_dims", a.expert_dims), ("tower_dims", a.tower_dims)) if v}
+                bundle = train_default_bundle(work, a.train_rows, overrides)
+                data = data or work / "data" / "test"
+            print(f"trained the {a.schema} model for 1 epoch in {time.perf_counter() - t:.0f}s")
         table, body = request_rows(bundle, data, a.items)
-        body_file = work / "body.json"
-        body_file.write_bytes(body)
+        bodies = format_bodies(table, body)
+        files = {}
+        for f, (b_, _, _) in bodies.items():
+            files[f] = work / f"body.{f}"
+            files[f].write_bytes(b_)
         client = "hey" if a.client == "hey" or (a.client == "auto" and shutil.which("hey")) else "httpx"
         inproc = InProcess(bundle, table, body)
         b, m = inproc.b, inproc.b.config.model
-        print(f"model {b.version}: {m.architecture} {m.experts} experts {m.expert_dims}, towers {m.tower_dims}, "
-              f"{len(b.config.features)} features, tasks {','.join(b.model.task_names)}")
-        print(f"{a.items:,} candidates/request ({len(body) / 1024:.0f} KiB JSON, per-user columns in context); "
-              f"torch threads {a.torch_threads} per process; load generator {client}; {os.cpu_count()} CPUs (shared box)")
-
-        def load(url: str, conc: int, n: int) -> tuple[np.ndarray, float, int]:
-            if client == "hey":
-                return load_hey(url, body_file, conc, n)
-            return load_httpx(url, body, conc, n)
+        f = b.featurizer
+        one_task = b.model.task_names[0]
+        selections = {"one": [one_task], "all": None}
+        chosen = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        print(f"model {b.version}: {m.architecture} {m.experts} experts {m.expert_dims}, towers {m.tower_dims}, tasks {','.join(b.model.task_names)}; "
+              f"{len(f.categorical)} categorical ({sum(k == 'str' for n, k in f.kinds.items() if n in {c.name for c in f.categorical})} string), "
+              f"{len(f.dense)} dense, {len(f.multi_hot)} multi-hot")
+        print(f"{a.items:,} candidates/request: " + ", ".join(f"{k} {len(v[0]) / 1024:.0f} KiB" for k, v in bodies.items() if k in formats)
+              + f"; torch threads {a.torch_threads} per process; load generator {client}; {os.cpu_count()} CPUs (shared box)")
 
         env = {**os.environ, "RANKER_TORCH_THREADS": str(a.torch_threads)}
         env.pop("RANKER_ADMIN_TOKEN", None)
-        rows: list[tuple[str, str, int, float, float, float]] = []
-        ratios: dict[str, list[tuple[float, float, float, float, float]]] = {"ctr": [], "all": []}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        rows: list[tuple[str, int, str, str, int, float, float, float]] = []
+        ratios: dict[tuple[str, str], list[tuple[float, dict[str, float]]]] = {}
         scores: dict[str, dict] = {}
-        servers = [
-            ("ranker serve", [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--max-items", str(max(a.items, 1)), "--log-level", "warning"], a.requests),
-            ("baseline", [sys.executable, __file__, "--serve-baseline", "--bundle", str(bundle), "--torch-threads", str(a.torch_threads)], max(a.requests // 4, 16)),
-        ]
-        for name, cmd, n_req in servers:
+
+        def run_server(name: str, cmd: list[str], workers: int, fmts: list[str], n_req: int, reference: bool) -> None:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            proc = start([*cmd, "--port", str(port)], f"{base}/openapi.json", env, work / f"{name.replace(' ', '_')}.log")
+            proc = start([*cmd, "--port", str(port)], f"{base}/openapi.json", env, work / f"{name.replace(' ', '_')}_{workers}.log")
             try:
-                scores[name] = httpx.post(f"{base}/predict", content=body, headers={"content-type": "application/json"}, timeout=60).json()["scores"]
-                for tasks in ("ctr", "all"):
-                    url = f"{base}/predict" + ("?tasks=ctr" if tasks == "ctr" else "")
-                    load(url, 1, 10)  # warm the connection path
-                    lat1: list[np.ndarray] = []
-                    wall1, n1 = 0.0, 0
-                    for _ in range(a.rounds if name == "ranker serve" else 1):
-                        if name == "ranker serve":  # the in-process reference, taken right beside the server run
-                            ref = inproc.measure(["ctr"] if tasks == "ctr" else None, 50)
-                        lat, wall, failed = load(url, 1, n_req)
+                if workers > 1:  # /openapi.json answers from the first worker up; wait for all
+                    deadline = time.monotonic() + 120
+                    while "ranker_ready 1.0" not in httpx.get(f"{base}/metrics").text and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                scores.setdefault(name, httpx.post(f"{base}/predict", content=body, headers={"content-type": "application/json"}, timeout=60).json()["scores"])
+                for fmt in fmts:
+                    payload, ctype, accept = bodies[fmt]
+                    for sel in chosen:
+                        tasks = selections[sel]
+                        url = f"{base}/predict" + (f"?tasks={tasks[0]}" if tasks else "")
+                        load(client, url, payload, files[fmt], ctype, accept, 1, 10)  # warm the connection path
+                        lat1, wall1, n1 = [], 0.0, 0
+                        for _ in range(a.rounds if reference else 1):
+                            ref = inproc.measure(tasks, 50, fmt, payload) if reference else None
+                            lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, 1, n_req)
+                            if failed:
+                                print(f"  !! {name} {fmt} {sel} c=1: {failed} failed requests")
+                            lat1.append(lat)
+                            wall1, n1 = wall1 + wall, n1 + len(lat)
+                            if ref is not None:
+                                ratios.setdefault((fmt, sel), []).append((float(np.percentile(lat, 50) * 1e3), ref))
+                        lat = np.concatenate(lat1)
+                        rows.append((name, workers, fmt, sel, 1, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), n1 * a.items / wall1))
+                        load(client, url, payload, files[fmt], ctype, accept, 8, 16)
+                        lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, 8, max(n_req, 32))
                         if failed:
-                            print(f"  !! {name} {tasks} c=1: {failed} failed requests")
-                        lat1.append(lat)
-                        wall1, n1 = wall1 + wall, n1 + len(lat)
-                        if name == "ranker serve":
-                            p50 = float(np.percentile(lat, 50) * 1e3)
-                            ratios[tasks].append((p50, ref["featurize+forward"], ref["forward"], ref["json+featurize+forward+encode"], ref["featurize+forward paced"]))
-                    lat = np.concatenate(lat1)
-                    rows.append((name, tasks, 1, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), n1 * a.items / wall1))
-                    load(url, 8, 16)
-                    lat, wall, failed = load(url, 8, max(n_req, 32))
-                    if failed:
-                        print(f"  !! {name} {tasks} c=8: {failed} failed requests")
-                    rows.append((name, tasks, 8, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(lat) * a.items / wall))
+                            print(f"  !! {name} {fmt} {sel} c=8: {failed} failed requests")
+                        rows.append((name, workers, fmt, sel, 8, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(lat) * a.items / wall))
                 if name == "ranker serve":
-                    print(f"\nranker serve, its own /metrics (mean per request, all runs): {server_stages(base)}")
+                    print(f"\nranker serve --workers {workers}, its own /metrics (mean per request, all runs): {server_stages(base, b.model.task_names)}")
             finally:
                 stop(proc)
 
-        diff = max(float(np.max(np.abs(np.subtract(scores["ranker serve"][t], scores["baseline"][t])))) for t in scores["baseline"])
-        print(f"baseline vs ranker serve scores: max |diff| {diff:.1e} (same features, same model)")
-        print("\nserver          tasks  conc   p50 ms   p99 ms   candidates/s")
-        for name, tasks, conc, p50, p99, cps in rows:
-            print(f"{name:<15} {tasks:<5} {conc:>5} {p50:8.2f} {p99:8.2f} {cps:14,.0f}")
+        serve_cmd = [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--max-items", str(max(a.items, 1)), "--log-level", "warning"]
+        for i, w in enumerate(worker_counts):
+            run_server("ranker serve", [*serve_cmd, "--workers", str(w)], w, formats, a.requests, reference=i == 0)
+        if not a.no_baseline:
+            run_server("baseline", [sys.executable, __file__, "--serve-baseline", "--bundle", str(bundle), "--torch-threads", str(a.torch_threads)],
+                       1, ["rows"], max(a.requests // 4, 16), reference=False)
+            diff = max(float(np.max(np.abs(np.subtract(scores["ranker serve"][t], scores["baseline"][t])))) for t in scores["baseline"])
+            print(f"baseline vs ranker serve scores: max |diff| {diff:.1e} (same features, same model)")
+        print("\nserver         workers format  tasks conc   p50 ms   p99 ms   candidates/s")
+        for name, w, fmt, sel, conc, p50, p99, cps in rows:
+            print(f"{name:<15} {w:>5} {fmt:<7} {sel:<5} {conc:>4} {p50:8.2f} {p99:8.2f} {cps:14,.0f}")
 
         print("\nin-process beside each c=1 round (median of 50 runs, ms) and the server's p50 in that round:")
-        for tasks, rs in ratios.items():
-            for p50, ff, fw, full, paced in rs:
-                print(f"  tasks={tasks:<3} forward {fw:5.2f}  featurize+forward {ff:5.2f} (paced {paced:5.2f})  "
-                      f"json+featurize+forward+encode {full:5.2f}  | server p50 {p50:5.2f} (forward + {p50 - fw:.2f})")
-        get = {(r[0], r[1], r[2]): r for r in rows}
-        print("\ngoals:")
-        for tasks, rs in ratios.items():
-            med_ff = float(np.median([r[0] / r[1] for r in rs]))
-            med_fw = float(np.median([r[0] / r[2] for r in rs]))
-            med_full = float(np.median([r[0] / r[3] for r in rs]))
-            med_paced = float(np.median([r[0] / r[4] for r in rs]))
-            print(f"  p50 latency c=1, tasks={tasks}: {med_ff:.2f}x in-process featurize+forward in a tight loop, "
-                  f"{med_paced:.2f}x paced (1 ms idle between runs, as a server thread has); {med_fw:.2f}x forward alone; "
-                  f"{med_full:.2f}x the server's own work (JSON in and out) in a tight loop; goal <= 1.5x (medians over rounds)")
-        for tasks in ("ctr", "all"):
-            for conc in (1, 8):
-                f_, b_ = get[("ranker serve", tasks, conc)], get[("baseline", tasks, conc)]
-                print(f"  candidates/s tasks={tasks:<3} c={conc}: {f_[5]:,.0f} vs baseline {b_[5]:,.0f} = {f_[5] / b_[5]:.1f}x; goal >= 3x")
-        one = np.median([r[1] for r in ratios["ctr"]]), np.median([r[1] for r in ratios["all"]])
-        print(f"  one task vs all: in-process featurize+forward {one[0]:.2f} vs {one[1]:.2f} ms; server p50 c=1 "
-              f"{get[('ranker serve', 'ctr', 1)][3]:.2f} vs {get[('ranker serve', 'all', 1)][3]:.2f} ms; "
-              f"c=8 candidates/s {get[('ranker serve', 'ctr', 8)][5]:,.0f} vs {get[('ranker serve', 'all', 8)][5]:,.0f}")
+        for (fmt, sel), rs in ratios.items():
+            for p50, ref in rs:
+                print(f"  {fmt:<7} tasks={sel:<3} forward {ref['forward']:5.2f}  featurize+forward {ref['featurize+forward']:5.2f}  "
+                      f"decode+featurize+forward+encode {ref['server work']:5.2f}  | server p50 {p50:5.2f} (forward + {p50 - ref['forward']:.2f})")
+        get = {(r[0], r[1], r[2], r[3], r[4]): r for r in rows}
+        print("\ngoals (medians over rounds; census goals: rows c=8 >= 5x baseline, arrow p50 c=1 <= 1.3x forward):")
+        for (fmt, sel), rs in ratios.items():
+            print(f"  p50 c=1 {fmt:<7} tasks={sel}: {np.median([p / r['forward'] for p, r in rs]):.2f}x forward alone, "
+                  f"{np.median([p / r['server work'] for p, r in rs]):.2f}x the server's own work in a tight loop")
+        for sel in chosen:
+            for w in worker_counts:
+                for fmt in formats:
+                    for conc in (1, 8):
+                        f_ = get.get(("ranker serve", w, fmt, sel, conc))
+                        b_ = get.get(("baseline", 1, "rows", sel, conc))
+                        if f_ and b_:
+                            print(f"  candidates/s workers={w} {fmt:<7} tasks={sel:<3} c={conc}: {f_[7]:,.0f} vs baseline {b_[7]:,.0f} = {f_[7] / b_[7]:.1f}x")
+        if len(worker_counts) > 1:
+            for fmt in formats:
+                for sel in chosen:
+                    c8 = [get.get(("ranker serve", w, fmt, sel, 8)) for w in worker_counts]
+                    if all(c8):
+                        print(f"  c=8 {fmt:<7} tasks={sel:<3}: " + ", ".join(f"{w} workers {r[7]:,.0f}" for w, r in zip(worker_counts, c8, strict=True)) + " candidates/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -101,32 +101,18 @@ def _cmd_audit(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> None:
-    import gc
     import logging
 
-    import prometheus_client
-    import torch
-    import uvicorn
-
-    from ranker.serving import ServingSettings, create_app
+    from ranker.serving import ServingSettings
+    from ranker.serving.workers import serve
 
     settings = ServingSettings.from_env(
         bundle=a.bundle, host=a.host, port=a.port, device=a.device,
         max_items=a.max_items, max_body_bytes=a.max_body_bytes, concurrency=a.concurrency, max_queue=a.max_queue,
+        batch_window_ms=a.batch_window_ms, workers=a.workers,
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    prometheus_client.disable_created_metrics()  # *_created series: noise for every scrape
-    torch.set_num_threads(settings.intra_op_threads)
-    app = create_app(settings)  # a bundle that cannot be served fails here, before binding the port
-    # A request allocates thousands of short-lived objects (freed by reference counting, no
-    # cycles), which at CPython's default thresholds set off two or three collections per
-    # request and now and then a full one over torch's and FastAPI's ~200k long-lived objects.
-    # Freeze what is loaded now out of the collector's reach and let the young generation grow:
-    # p99 of 1,000-candidate requests at concurrency 8 (hey, 2 cores) fell from 108-144 to 44-50 ms.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=a.log_level, access_log=a.access_log)
+    serve(settings, log_level=a.log_level, access_log=a.access_log)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 16 MiB)")
     v.add_argument("--concurrency", type=int, default=None, help="requests scored at once (default min(4, cores))")
     v.add_argument("--max-queue", type=int, default=None, help="requests allowed to wait for a worker before 503 (default 256)")
+    v.add_argument("--workers", type=int, default=None,
+                   help="worker processes on the one port, metrics summed across them (default 1)")
+    v.add_argument("--batch-window-ms", type=float, default=None,
+                   help="merge concurrent requests into one forward, waiting at most this long for others (default 0: off; for GPUs)")
     v.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     v.add_argument("--access-log", action="store_true", help="log every request")
     v.set_defaults(func=_cmd_serve)

@@ -76,25 +76,88 @@ def bucketize(hashes: np.ndarray, buckets: int) -> np.ndarray:
     return (hashes % np.uint64(buckets)).astype(np.int64) + 1
 
 
-def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) -> np.ndarray:
-    """Hash a flat Arrow array of ints or strings into buckets; nulls -> MISSING. Vectorised:
-    integers are hashed in numpy, strings once per distinct value in the batch."""
+def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous array. A chunked dictionary column (chunks may carry different
+    dictionaries, e.g. from several Arrow IPC record batches) is decoded to its values first."""
     if isinstance(arr, pa.ChunkedArray):
+        if arr.num_chunks == 1:
+            return arr.chunk(0)
+        if pa.types.is_dictionary(arr.type):
+            arr = pa.chunked_array([c.dictionary_decode() for c in arr.chunks], arr.type.value_type)
         arr = arr.combine_chunks()
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
+    return arr
+
+
+def _distinct_hashes(values: pa.Array, kind: ValueKind) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Dictionary-encode ``values`` (nulls get an entry of their own) and hash each distinct
+    value once: ((N,) int64 codes, (U,) uint64 hashes, the null entry's code or None)."""
+    enc = pc.dictionary_encode(values, null_encoding="encode")
+    uniq = enc.dictionary
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    null_code = None
+    if uniq.null_count:
+        null_code = int(np.flatnonzero(np.asarray(uniq.is_null()))[0])
     if kind == "int":
-        vals = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        out = bucketize(hash_int64(vals), buckets)
+        hashes = hash_int64(pc.fill_null(uniq, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
     else:
-        enc = pc.dictionary_encode(arr)
-        uniq = enc.dictionary.to_pylist()
-        table = bucketize(np.array(_hash_strs(uniq), dtype=np.uint64), buckets)
-        idx = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)
-        out = table[idx] if len(uniq) else np.zeros(n, dtype=np.int64)
-    if arr.null_count:
-        out[np.asarray(arr.is_null())] = MISSING
+        strs = uniq.to_pylist()
+        if null_code is not None:
+            strs[null_code] = ""  # its bucket is overwritten with MISSING
+        hashes = np.array(_hash_strs(strs), dtype=np.uint64)
+    return codes, hashes, null_code
+
+
+def bucket_values(arrays: Sequence[pa.Array | pa.ChunkedArray], kinds: Sequence[ValueKind], buckets: Sequence[int]) -> list[np.ndarray]:
+    """Buckets of every value of several flat arrays, each with its own value kind ("int" or
+    "str", plain or dictionary-encoded) and bucket count; nulls -> MISSING.
+
+    No per-value Python and little per-column work: all integer values go through one Arrow
+    dictionary encoding and all string values through another, so each distinct value of the
+    whole batch is hashed once (splitmix64 in numpy; BLAKE2b through the string cache, one
+    lookup per distinct string); the modulo runs on the distinct hashes, once per bucket
+    count, and each value's bucket is one gather. A dictionary-encoded input contributes only
+    its dictionary. The buckets equal ``bucketize(hash_int64(v))`` / ``bucketize(hash_str(v))``
+    value by value.
+
+    Returns, per array, its (N,) int64 buckets.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> out = bucket_values([pa.array(["ios", None]), pa.array([7], pa.int64())], ["str", "int"], [10, 10])
+        >>> out[0].tolist() == [int(hash_str("ios") % 10) + 1, 0], out[1].tolist() == bucketize(hash_int64(np.array([7])), 10).tolist()
+        (True, True)
+    """
+    flat = [_flat(a) for a in arrays]
+    out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(flat)
+    for kind in ("int", "str"):
+        # arrays of this kind, ordered by bucket count so each count's values are one slice
+        pick = sorted((i for i, k in enumerate(kinds) if k == kind), key=lambda i: buckets[i])
+        if not pick:
+            continue
+        parts = [flat[i].dictionary if pa.types.is_dictionary(flat[i].type) else flat[i] for i in pick]
+        target = pa.int64() if kind == "int" else pa.string()
+        parts = [p if p.type == target else p.cast(target, safe=False) for p in parts]  # int32, bool, uint64 (bits kept), large_string
+        codes, hashes, null_code = _distinct_hashes(pa.concat_arrays(parts) if len(parts) > 1 else parts[0], kind)
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        j = 0
+        while j < len(pick):  # one run of arrays per bucket count
+            k = j
+            while k < len(pick) and buckets[pick[k]] == buckets[pick[j]]:
+                k += 1
+            table = bucketize(hashes, buckets[pick[j]])  # (U,) bucket of each distinct value
+            if null_code is not None:
+                table[null_code] = MISSING
+            run = table[codes[bounds[j] : bounds[k]]]
+            for m in range(j, k):
+                i = pick[m]
+                seg = run[bounds[m] - bounds[j] : bounds[m + 1] - bounds[j]]
+                if pa.types.is_dictionary(flat[i].type):  # the dictionary's buckets, by its indices
+                    idx = flat[i].indices
+                    seg = seg[pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)] if len(seg) else np.zeros(len(idx), dtype=np.int64)
+                    if idx.null_count:
+                        seg[np.asarray(idx.is_null())] = MISSING
+                out[i] = seg
+            j = k
     return out
 
 
@@ -113,9 +176,11 @@ def _dense_values(arr: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray
     """Arrow numeric -> float64 with NaN for null/NaN/inf, after the feature's transform."""
     x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     x = np.where(np.isfinite(x), x, np.nan) if x.dtype == np.float64 else x.astype(np.float64)
-    if transform == "log1p":
-        x = np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)
-    return x
+    return _log1p(x) if transform == "log1p" else x
+
+
+def _log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)
 
 
 @dataclass
@@ -243,36 +308,53 @@ class Featurizer:
         out: Batch = {}
         names = set(data.schema.names)
 
+        # every hashed column at once (``bucket_values``): categorical and multi-hot values share
+        # one dictionary encoding per value kind, so each distinct value is hashed once
         cats = self.categorical
-        cat = np.zeros((n, len(cats)), dtype=np.int64)
-        for j, f in enumerate(cats):
-            if f.source in names:
-                cat[:, j] = _hash_array(data.column(f.source), self.kinds[f.name], f.buckets)  # type: ignore[arg-type]
+        bags = self.multi_hot
+        cols = [(j, f) for j, f in enumerate(cats) if f.source in names]
+        bag_cols = {f.name: _flat(data.column(f.source)) for f in bags if f.source in names}
+        hashed = [f for _, f in cols] + [f for f in bags if f.name in bag_cols]
+        bucketed = bucket_values(
+            [data.column(f.source) for _, f in cols] + [pc.list_flatten(c) for c in bag_cols.values()],
+            [self.kinds[f.name] for f in hashed],
+            [f.buckets for f in hashed],  # type: ignore[misc]
+        )
+        cat = np.zeros((n, len(cats)), dtype=np.int64)  # (n, C); absent columns stay MISSING
+        for (j, _), values in zip(cols, bucketed, strict=False):
+            cat[:, j] = values
         out["cat"] = torch.from_numpy(cat)
 
         dense = self.dense
-        den = np.zeros((n, len(dense)), dtype=np.float32)
-        for j, f in enumerate(dense):
-            if f.source in names:
-                mean, std = self.dense_stats[f.name]
-                x = (_dense_values(data.column(f.source), f.transform) - mean) / std
-                den[:, j] = np.clip(np.nan_to_num(x, nan=0.0), -DENSE_CLIP, DENSE_CLIP)
+        den = np.zeros((n, len(dense)), dtype=np.float32)  # (n, D); absent columns stay 0
+        slots = [j for j, f in enumerate(dense) if f.source in names]
+        if slots:  # the same steps as _dense_values, on the (n, D') matrix of present columns
+            x = np.empty((n, len(slots)), dtype=np.float64)
+            for k, j in enumerate(slots):
+                x[:, k] = pc.cast(data.column(dense[j].source), pa.float64()).to_numpy(zero_copy_only=False)
+            x[~np.isfinite(x)] = np.nan
+            logs = [k for k, j in enumerate(slots) if dense[j].transform == "log1p"]
+            if logs:
+                x[:, logs] = _log1p(x[:, logs])
+            mean = np.array([self.dense_stats[dense[j].name][0] for j in slots])  # (D',)
+            std = np.array([self.dense_stats[dense[j].name][1] for j in slots])
+            den[:, slots] = np.clip(np.nan_to_num((x - mean) / std, nan=0.0), -DENSE_CLIP, DENSE_CLIP)
         out["dense"] = torch.from_numpy(den)
 
-        for f in self.multi_hot:
-            out[f"bag:{f.name}"] = self._bag(data.column(f.source) if f.source in names else None, f, n)
+        bag_values = dict(zip(bag_cols, bucketed[len(cols) :], strict=True))
+        for f in bags:
+            out[f"bag:{f.name}"] = self._bag(bag_cols.get(f.name), bag_values.get(f.name), f, n)
         return out
 
-    def _bag(self, col: pa.Array | pa.ChunkedArray | None, f: FeatureSpec, n: int) -> torch.Tensor:
-        """list<...> -> (n, L) buckets padded with ``buckets + 1``; a null or empty list is one
-        MISSING entry so the model still sees "this row has no tags"."""
+    @staticmethod
+    def _bag(col: pa.Array | None, values: np.ndarray | None, f: FeatureSpec, n: int) -> torch.Tensor:
+        """list<...> and its flattened values' buckets -> (n, L) buckets padded with
+        ``buckets + 1``; a null or empty list is one MISSING entry so the model still sees
+        "this row has no tags"."""
         pad = f.buckets + 1  # type: ignore[operator]
-        if col is None:
+        if col is None or values is None:
             return torch.zeros((n, 1), dtype=torch.int64)
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
         lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        values = _hash_array(pc.list_flatten(col), self.kinds[f.name], f.buckets)  # type: ignore[arg-type]
         width = max(int(lengths.max(initial=0)), 1)
         bag = np.full((n, width), pad, dtype=np.int64)
         bag[lengths == 0, 0] = MISSING

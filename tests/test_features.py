@@ -171,3 +171,57 @@ def test_concat_pads_bags_to_common_width() -> None:
     b = {"bag:t": torch.tensor([[2, 3, 4]]), "cat": torch.zeros(1, 0, dtype=torch.long)}
     out = concat_batches([a, b], bag_pads(feats))
     assert out["bag:t"].tolist() == [[1, 10, 10], [2, 3, 4]]
+
+
+def _reference_buckets(values: list, kind: str, buckets: int) -> list[int]:
+    """Value by value, in plain Python: the buckets the featurizer must give."""
+    def one(v: object) -> int:
+        if v is None:
+            return MISSING
+        h = splitmix64_reference(int(v) & MASK64) if kind == "int" else hash_str(v)  # type: ignore[arg-type]
+        return h % buckets + 1
+    return [one(v) for v in values]
+
+
+def test_wide_transform_matches_value_by_value_reference() -> None:
+    """Many columns hashed together (one dictionary encoding per kind) give each value the bucket
+    it gets alone, whatever the column's Arrow layout: plain, dictionary-encoded, chunked with
+    different dictionaries, large_string, int32, bool, and nulls in every form."""
+    rng = np.random.default_rng(3)
+    n = 300
+    words = [f"w{i}" for i in range(40)] + ["", "héllo", "ios"]
+    feats, kinds, cols, expect = [], {}, {}, {}
+    for i in range(12):  # string columns sharing values, with different bucket counts
+        vals = [None if rng.random() < 0.1 else words[rng.integers(len(words))] for _ in range(n)]
+        b = [7, 1000, 1000, 50][i % 4]
+        arr: pa.Array | pa.ChunkedArray = pa.array(vals)
+        if i % 4 == 1:
+            arr = arr.dictionary_encode()
+        elif i % 4 == 2:  # two chunks, each with its own dictionary
+            arr = pa.chunked_array([pa.array(vals[:100]).dictionary_encode(), pa.array(vals[100:]).dictionary_encode()])
+        elif i % 4 == 3:
+            arr = pa.array(vals, pa.large_string())
+        feats.append(FeatureSpec(name=f"s{i}", type="categorical", buckets=b, dim=2))
+        kinds[f"s{i}"], cols[f"s{i}"], expect[f"s{i}"] = "str", arr, _reference_buckets(vals, "str", b)
+    ints = {
+        "i64": (pa.int64(), [None if rng.random() < 0.1 else int(v) for v in rng.integers(-(2**62), 2**62, n)]),
+        "i32": (pa.int32(), [int(v) for v in rng.integers(-50, 50, n)]),
+        "flag": (pa.bool_(), [bool(v) for v in rng.integers(0, 2, n)]),
+    }
+    for name, (typ, vals) in ints.items():
+        feats.append(FeatureSpec(name=name, type="categorical", buckets=97, dim=2))
+        kinds[name], cols[name], expect[name] = "int", pa.array(vals, typ), _reference_buckets([None if v is None else int(v) for v in vals], "int", 97)
+    feats.append(FeatureSpec(name="gone", type="categorical", buckets=5, dim=2))  # absent column: missing
+    kinds["gone"] = "str"
+    expect["gone"] = [MISSING] * n
+    tags = [None if j == 0 else [None if rng.random() < 0.1 else words[rng.integers(len(words))] for _ in range(j - 1)] for j in rng.integers(0, 4, n)]
+    feats.append(FeatureSpec(name="tags", type="multi_hot", buckets=100, dim=2))
+    kinds["tags"], cols["tags"] = "str", pa.array(tags, pa.list_(pa.string()))
+
+    b = Featurizer(feats, kinds, {}).transform(pa.table(cols))
+    cats = [f for f in feats if f.type == "categorical"]
+    for j, f in enumerate(cats):
+        assert b["cat"][:, j].tolist() == expect[f.name], f.name
+    for row, t in zip(b["bag:tags"].tolist(), tags, strict=True):
+        want = _reference_buckets(t, "str", 100) if t else [MISSING]
+        assert row[: len(want)] == want and set(row[len(want) :]) <= {101}

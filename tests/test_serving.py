@@ -110,7 +110,8 @@ def test_openapi_documents_predict(bundle_path: Path) -> None:
     with serve(bundle_path, lifespan=False) as s:
         spec = s.client.get("/openapi.json").json()
     op = spec["paths"]["/predict"]["post"]
-    assert "items" in op["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert {"$ref": "#/components/schemas/PredictRows"} in op["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert "items" in spec["components"]["schemas"]["PredictRows"]["properties"]
     assert {"413", "422"} <= set(op["responses"])
 
 

@@ -13,6 +13,7 @@ from ranker.errors import RankerError
 from ranker.features import Featurizer
 from ranker.reference import assign_bins, reference_histogram
 from ranker.serving.drift import ScoreTracker
+from ranker.serving.errors import RequestError
 from ranker.serving.parsing import RequestParser
 from ranker.serving.schemas import PredictResponse, encode_predict_response
 
@@ -125,7 +126,24 @@ def test_parser_item_values_win_over_context(parser: RequestParser) -> None:
 def test_parser_refuses_two_features_typed_differently_on_one_column() -> None:
     features = [
         FeatureSpec(name="a", column="x", type="categorical", buckets=10, dim=2),
-        FeatureSpec(name="b", column="x", type="dense"),
+        FeatureSpec(name="b", column="x", type="multi_hot", buckets=10, dim=2),
     ]
     with pytest.raises(RankerError, match="column 'x'"):
-        RequestParser(Featurizer(features, {"a": "int"}, {"b": (0.0, 1.0)}), max_items=10)
+        RequestParser(Featurizer(features, {"a": "int", "b": "int"}, {}), max_items=10)
+
+
+def test_parser_reads_a_number_that_is_both_dense_and_categorical_as_int64() -> None:
+    """Census-style features: `age` standardised and hashed per value, from one int64 column."""
+    features = [
+        FeatureSpec(name="age_num", column="age", type="dense"),
+        FeatureSpec(name="age", type="categorical", buckets=100, dim=2),
+    ]
+    fz = Featurizer(features, {"age": "int"}, {"age_num": (40.0, 10.0)})
+    p = RequestParser(fz, max_items=10)
+    t = p.parse(b'{"items": [{"age": 50}, {"age": "30"}, {}]}')
+    assert t.column("age").type == pa.int64() and t.column("age").to_pylist() == [50, 30, None]
+    b = fz.transform(t)
+    assert b["dense"][:, 0].tolist() == [1.0, -1.0, 0.0]
+    assert b["cat"][0, 0] != b["cat"][1, 0] and b["cat"][2, 0] == 0
+    with pytest.raises(RequestError, match=r"items\[0\]\.age"):
+        p.parse(b'{"items": [{"age": 50.5}]}')  # an int64 column in training

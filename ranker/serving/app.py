@@ -20,7 +20,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +33,7 @@ from ranker.serving.deps import (
     ServingState,
     State,
     Tasks,
+    Wire,
     check_content_length,
     reload_request,
     require_feedback_token,
@@ -40,6 +41,7 @@ from ranker.serving.deps import (
 from ranker.serving.errors import REASONS, ServingError
 from ranker.serving.feedback import FEEDBACK_PATH
 from ranker.serving.metrics import ServingMetrics
+from ranker.serving.openapi import bundle_openapi
 from ranker.serving.predictor import load_model
 from ranker.serving.schemas import (
     FEEDBACK_REQUEST_SCHEMA,
@@ -56,7 +58,7 @@ from ranker.serving.settings import ServingSettings
 
 log = logging.getLogger("ranker.serving")
 PREDICT_PATH = "/predict"
-_ERRORS = {413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+_ERRORS = {code: {"model": ErrorResponse} for code in (406, 413, 415, 422)}
 
 router = APIRouter()
 
@@ -68,14 +70,15 @@ router = APIRouter()
     dependencies=[Depends(check_content_length)],
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
 )
-async def predict(state: State, loaded: Pinned, tasks: Tasks, body: Body) -> Response:
-    prediction = await state.predict(loaded, body, tasks)
-    return Response(prediction.body, media_type="application/json", background=BackgroundTask(state.observe, loaded, prediction))
+async def predict(state: State, loaded: Pinned, tasks: Tasks, wire: Wire, body: Body) -> Response:
+    prediction = await state.predict(loaded, body, tasks, wire)
+    headers = {"X-Model-Version": loaded.version}
+    return Response(prediction.body, media_type=prediction.media_type, headers=headers, background=BackgroundTask(state.observe, loaded, prediction))
 
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(state: State) -> Response:
-    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health, response_model_exclude_none=True)
@@ -213,4 +216,5 @@ def create_app(settings: ServingSettings, *, registry: CollectorRegistry | None 
     app.add_middleware(PredictMetricsMiddleware, metrics=state.metrics)
     app.add_exception_handler(ServingError, _serving_error)
     app.include_router(router)
+    app.openapi = bundle_openapi(app, lambda: state.current, PREDICT_PATH)  # type: ignore[method-assign]
     return app

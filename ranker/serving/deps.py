@@ -18,13 +18,15 @@ from typing import Annotated
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Header, HTTPException, Query, Request
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from ranker.errors import RankerError
 from ranker.serving.errors import RequestError, ServingError
 from ranker.serving.feedback import FeedbackRecorder
-from ranker.serving.metrics import FeedbackMetrics, ServingMetrics
+from ranker.serving.formats import WireFormat, negotiate
+from ranker.serving.metrics import FeedbackMetrics, ScoreCollector, ServingMetrics
+from ranker.serving.multiproc import SharedScores, multiprocess_dir
 from ranker.serving.parsing import field_name
 from ranker.serving.predictor import LoadedModel, Prediction, load_model
 from ranker.serving.schemas import ReloadRequest
@@ -42,6 +44,8 @@ class ServingState:
         self.metrics.model_loaded(loaded, None)
         self.feedback = FeedbackRecorder(FeedbackMetrics(registry), settings.max_items)
         self.feedback.model_loaded(loaded)
+        path = multiprocess_dir()  # set when this process is one of several workers
+        self.shared = SharedScores(path) if path is not None else None
         self.ready = False
         # anyio primitives bind to the running event loop, so they are made on first use
         self._limiter: anyio.CapacityLimiter | None = None
@@ -51,7 +55,7 @@ class ServingState:
         self.ready = ready
         self.metrics.ready.set(1 if ready else 0)
 
-    async def predict(self, loaded: LoadedModel, body: bytes, tasks: list[str]) -> Prediction:
+    async def predict(self, loaded: LoadedModel, body: bytes, tasks: list[str], wire: WireFormat) -> Prediction:
         """Score in a worker thread (parsing and inference are CPU-bound), at most
         ``settings.concurrency`` requests at once; the rest wait without blocking the loop."""
         if self._limiter is None:
@@ -60,12 +64,20 @@ class ServingState:
         if self._limiter.available_tokens == 0 and waiting >= self.settings.max_queue:
             self.metrics.shed.inc()
             raise ServingError(503, "overloaded", "request", f"{waiting} requests already wait for a worker; retry later")
-        return await anyio.to_thread.run_sync(loaded.predict, body, tasks, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(loaded.predict, body, tasks, wire, limiter=self._limiter)
 
     async def observe(self, loaded: LoadedModel, prediction: Prediction) -> None:
         """Count a served prediction (scores, drift windows, timings): run on the event loop
         once the response is sent, so the caller does not wait for the bookkeeping."""
         self.metrics.observe(loaded, prediction)
+        if self.shared is not None:
+            self.shared.publish(loaded)
+
+    def exposition(self) -> bytes:
+        """/metrics: this process's registry, or with several workers the whole server's."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        return self.shared.exposition(iter([ScoreCollector(lambda: self.current, self.shared.snapshots)]))
 
     async def reload(self, bundle: str) -> tuple[LoadedModel, LoadedModel]:
         """Load, probe and warm ``bundle`` off the loop, then swap it in; returns (old, new).
@@ -73,6 +85,9 @@ class ServingState:
         Raises:
             ServingError: 422 when the bundle cannot be served; the old model keeps serving.
         """
+        if self.settings.workers > 1:
+            raise ServingError(409, "bad_bundle", "bundle", f"a reload would reach one of {self.settings.workers} worker processes; "
+                               "restart the server (SIGHUP restarts the workers one by one) to serve another bundle")
         if self._reload_lock is None:
             self._reload_lock = anyio.Lock()
         async with self._reload_lock:
@@ -81,6 +96,7 @@ class ServingState:
             except RankerError as e:
                 raise ServingError(422, "bad_bundle", "bundle", f"refused, still serving {self.current.version}: {e}") from None
             old, self.current = self.current, new  # the swap: one reference assignment
+            old.close()  # its batcher (if any) finishes the requests pinned to it, then stops
             self.metrics.model_loaded(new, old)
             self.feedback.model_loaded(new)
             return old, new
@@ -147,7 +163,14 @@ async def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(des
     return loaded.resolve_tasks(tasks)
 
 
+async def wire_format(content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
+                      accept: Annotated[str | None, Header(include_in_schema=False)] = None) -> WireFormat:
+    """Body and answer formats from Content-Type and Accept (415/406 for ones not served)."""
+    return negotiate(content_type, accept)
+
+
 Body = Annotated[bytes, Depends(body_bytes)]
+Wire = Annotated[WireFormat, Depends(wire_format)]
 Tasks = Annotated[list[str], Depends(requested_tasks)]
 
 

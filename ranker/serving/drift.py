@@ -74,6 +74,11 @@ class ScoreTracker:
             self._window += np.bincount(tail, minlength=self.bins)
             self._pos = int((self._pos + tail.size) % n)
 
+    def state(self) -> tuple[np.ndarray, float, np.ndarray]:
+        """(all-time counts per bin, score sum, window counts per bin), copied under the lock."""
+        with self._lock:
+            return self._counts.copy(), self._total, self._window.copy()
+
     def snapshot(self) -> TrackerSnapshot:
         with self._lock:
             counts, total, window = self._counts.copy(), self._total, self._window.copy()

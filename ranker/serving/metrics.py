@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ranker.serving.drift import TrackerSnapshot
 from ranker.serving.errors import FEEDBACK_REASONS, FEEDBACK_REQUEST_REASONS, REASONS
 from ranker.serving.predictor import LoadedModel, Prediction
 
@@ -41,8 +42,15 @@ class ScoreCollector(Collector):
     """Per-task score histogram (reference bin edges as buckets), bin counters, reference
     shares and windowed PSI of the model ``current()`` returns."""
 
-    def __init__(self, current: Callable[[], LoadedModel | None]) -> None:
+    def __init__(
+        self,
+        current: Callable[[], LoadedModel | None],
+        snapshots: Callable[[LoadedModel], Mapping[str, TrackerSnapshot]] | None = None,
+    ) -> None:
         self._current = current
+        # where the tracker states come from: this process's trackers, or (several workers)
+        # every worker's, summed (``multiproc.SharedScores.snapshots``)
+        self._snapshots = snapshots or (lambda loaded: {t: tr.snapshot() for t, tr in loaded.trackers.items()})
 
     @staticmethod
     def _families() -> tuple[HistogramMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -62,8 +70,9 @@ class ScoreCollector(Collector):
         hist, bins, ref, drift = self._families()
         loaded = self._current()
         if loaded is not None:
+            snaps = self._snapshots(loaded)
             for task, tracker in loaded.trackers.items():
-                snap = tracker.snapshot()
+                snap = snaps[task]
                 cumulative = np.cumsum(snap.counts)  # (K,)
                 buckets = [(floatToGoString(e), float(c)) for e, c in zip(tracker.edges, cumulative[:-1], strict=True)]
                 hist.add_metric([task], buckets + [("+Inf", float(cumulative[-1]))], snap.total)
@@ -103,10 +112,12 @@ class ServingMetrics:
         )
         self.feature_missing = Counter("ranker_feature_missing", "Items with the feature missing (absent or null).", ["feature"], registry=r)
         self.invalid = Counter("ranker_invalid_requests", "Refused /predict requests by reason.", ["reason"], registry=r)
-        self.model_info = Gauge("ranker_model_info", "The model being served (value 1).", ["version", "architecture"], registry=r)
-        self.ready = Gauge("ranker_ready", "1 when the model is loaded and warm.", registry=r)
+        # multiprocess_mode: how worker processes combine (used only with several workers)
+        self.model_info = Gauge("ranker_model_info", "The model being served (value 1).", ["version", "architecture"], registry=r, multiprocess_mode="livemax")
+        self.ready = Gauge("ranker_ready", "1 when the model is loaded and warm (every live worker).", registry=r, multiprocess_mode="livemin")
         self.shed = Counter("ranker_requests_shed", "/predict requests refused with 503: too many already waiting for a worker.", registry=r)
-        r.register(ScoreCollector(current))
+        self.scores = ScoreCollector(current)
+        r.register(self.scores)
         for s in STATUS_CLASSES:
             self.requests.labels(s)
         for reason in REASONS:

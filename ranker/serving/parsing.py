@@ -1,4 +1,9 @@
-"""A /predict body -> one Arrow table with a column per feature source, one row per item.
+"""A /predict JSON body -> one Arrow table with a column per feature source, one row per item.
+
+Two JSON layouts, one decoder: row-wise ``{"context": {...}, "items": [{...}, ...]}`` and
+column-wise ``{"context": {...}, "columns": {"user_id": [...], "price": [...]}}`` (every column
+one value per candidate; same value types, same context broadcast, errors named
+``columns.price[3]``). Arrow IPC bodies are read in ``formats``.
 
 The table then goes through the training ``Featurizer`` unchanged, so hashing, normalisation
 and missing handling cannot drift between training and serving.
@@ -28,6 +33,7 @@ from typing import Annotated, Any
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
+from msgspec import UNSET, UnsetType
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -45,9 +51,9 @@ from ranker.serving.errors import Reason, RequestError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _DECIMAL = re.compile(r"[+-]?[0-9]+")  # fullmatch; Arrow's RE2 twin below
-_DECIMAL_RE2 = r"^[+-]?[0-9]+$"
+DECIMAL_RE2 = r"^[+-]?[0-9]+$"
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array", type(None): "null"}
-_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
+CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,18 @@ def _validator(columns: list[Column], max_items: int) -> type[BaseModel]:
         f"f{i}": (_python_type(c) | None, Field(default=None, alias=c.source)) for i, c in enumerate(columns)
     }
     item = create_model("PredictItem", __config__=ConfigDict(extra="ignore"), **fields)
+    column_fields: dict[str, Any] = {
+        f"f{i}": (list[_python_type(c) | None] | None, Field(default=None, alias=c.source)) for i, c in enumerate(columns)
+    }
+    cols = create_model("PredictColumns", __config__=ConfigDict(extra="ignore"), **column_fields)
+    # items and columns default to None when absent (checked after validation); an explicit
+    # null is refused as the wrong type
     return create_model(
         "PredictBody",
         __config__=ConfigDict(extra="ignore"),
         context=(item | None, None),
-        items=(Annotated[list[item], Field(min_length=1, max_length=max_items)], ...),  # type: ignore[valid-type]
+        items=(Annotated[list[item], Field(min_length=1, max_length=max_items)], None),  # type: ignore[valid-type]
+        columns=(cols, None),
     )
 
 
@@ -137,13 +150,17 @@ def _decoder(columns: list[Column]) -> msgspec.json.Decoder:
         value = i64 | str if c.kind == "int" else str
         return list[value | None] | None if c.type == "multi_hot" else value | None  # type: ignore[operator]
 
+    rename = {f"f{i}": c.source for i, c in enumerate(columns)}
     item = msgspec.defstruct(  # gc=False: items hold only scalars and lists, never a cycle
-        "PredictItem",
-        [(f"f{i}", typ(c), None) for i, c in enumerate(columns)],
-        rename={f"f{i}": c.source for i, c in enumerate(columns)},
-        gc=False,
+        "PredictItem", [(f"f{i}", typ(c), None) for i, c in enumerate(columns)], rename=rename, gc=False
     )
-    body = msgspec.defstruct("PredictBody", [("items", list[item]), ("context", item | None, None)])  # type: ignore[valid-type]
+    cols = msgspec.defstruct(  # one list of values per column
+        "PredictColumns", [(f"f{i}", list[typ(c)] | None, None) for i, c in enumerate(columns)], rename=rename, gc=False
+    )
+    body = msgspec.defstruct(
+        "PredictBody",
+        [("items", list[item] | UnsetType, UNSET), ("columns", cols | UnsetType, UNSET), ("context", item | None, None)],  # type: ignore[valid-type]
+    )
     return msgspec.json.Decoder(body)
 
 
@@ -166,15 +183,23 @@ class RequestParser:
         cols: dict[str, Column] = {}
         for f in featurizer.features:
             c = Column(f.source, f.type, featurizer.kinds.get(f.name))
-            if cols.setdefault(f.source, c) != c:
-                raise RankerError(f"features {f.name!r}: column {f.source!r} is read by two features of different types")
+            prev = cols.setdefault(f.source, c)
+            if prev == c:
+                continue
+            # a number read both as a dense feature and as a categorical one (age, weeks worked:
+            # a trend and per-value effects) was an integer column in training: read it as int64
+            # ids, which the dense feature casts to float as it did in training
+            if {prev.type, c.type} == {"dense", "categorical"} and "int" in (prev.kind, c.kind):
+                cols[f.source] = Column(f.source, "categorical", "int")
+                continue
+            raise RankerError(f"features {f.name!r}: column {f.source!r} is read by two features of different types")
         self.columns = list(cols.values())
         self._getters = [attrgetter(f"f{i}") for i in range(len(self.columns))]
         self._decoder = _decoder(self.columns)
         self._validator = _validator(self.columns, max_items)
 
     @staticmethod
-    def _arrow_type(c: Column, as_string: bool = False) -> pa.DataType:
+    def arrow_type(c: Column, as_string: bool = False) -> pa.DataType:
         if c.type == "dense":
             return pa.float64()
         value = pa.int64() if c.kind == "int" and not as_string else pa.string()
@@ -182,30 +207,58 @@ class RequestParser:
 
     # ----- parsing -------------------------------------------------------------------------
     def parse(self, body: bytes) -> pa.Table:
-        """Parse and check one body. Raises RequestError naming the field at fault."""
+        """Parse and check one body (row-wise or column-wise). Raises RequestError naming the
+        field at fault."""
         try:
             req = self._decoder.decode(body)
         except (msgspec.MsgspecError, UnicodeDecodeError):
             return self._slow(body)  # invalid, or valid in a shape msgspec refuses: pydantic says which
-        self._check_count(len(req.items))
+        columns = None if req.columns is UNSET else req.columns
+        items = None if req.items is UNSET else req.items
+        n = self._check_shape(items, columns)
         try:
-            return self._table(req.items, req.context)
+            return self._table(items, columns, n, req.context)
         except _Fallback:
             return self._slow(body)
 
-    def _check_count(self, n: int) -> None:
+    def check_count(self, n: int, field: str = "items") -> None:
+        """The candidate count of one request: at least one, at most ``max_items``."""
         if n == 0:
-            raise RequestError("empty_items", "items", "needs a list of at least one item")
+            what = "list of at least one item" if field == "items" else "value for at least one candidate"
+            raise RequestError("empty_items", field, f"needs a {what}")
         if n > self.max_items:
-            raise RequestError("too_many_items", "items", f"{n} items; at most {self.max_items} per request")
+            raise RequestError("too_many_items", field, f"{n} candidates; at most {self.max_items} per request")
 
-    def _table(self, items: list[Any], ctx: Any | None) -> pa.Table:
-        """Decoded items and context (objects with one attribute ``f<j>`` per column, from
-        msgspec or pydantic) -> the feature table, column by column."""
+    def _check_shape(self, items: list[Any] | None, columns: Any | None) -> int:
+        """The candidate count of a decoded body, from its items or its columns (every column
+        as long as the others)."""
+        if items is not None and columns is not None:
+            raise RequestError("bad_type", "body", "has both 'items' (row-wise) and 'columns' (column-wise); send one")
+        if columns is None:
+            n = 0 if items is None else len(items)
+            self.check_count(n)
+            return n
+        lengths = {c.source: len(v) for c, get in zip(self.columns, self._getters, strict=True) if (v := get(columns)) is not None}
+        if not lengths:
+            raise RequestError("empty_items", "columns", "needs at least one feature column with a value per candidate")
+        first, n = next(iter(lengths.items()))
+        for name, m in lengths.items():
+            if m != n:
+                raise RequestError("bad_columns", f"columns.{name}", f"has {m} values but columns.{first} has {n}: one value per candidate in every column")
+        self.check_count(n, "columns")
+        return n
+
+    def _table(self, items: list[Any] | None, columns: Any | None, n: int, ctx: Any | None) -> pa.Table:
+        """Decoded items or columns and context (objects with one attribute ``f<j>`` per
+        column, from msgspec or pydantic) -> the feature table, column by column."""
         out: dict[str, pa.Array] = {}
-        n = len(items)
         for c, get in zip(self.columns, self._getters, strict=True):
-            values = list(map(get, items))
+            if items is not None:
+                values = list(map(get, items))
+            else:
+                values = get(columns)
+                if values is None:
+                    values = [None] * n
             value = get(ctx) if ctx is not None else None
             if value is None:
                 out[c.source] = self._array(values, c)
@@ -222,21 +275,21 @@ class RequestParser:
         Dense values are finite already: msgspec refuses NaN, infinities and out-of-range
         numbers (the slow path then reports them), and so does the pydantic model."""
         if c.kind != "int":
-            return pa.array(values, self._arrow_type(c))
+            return pa.array(values, self.arrow_type(c))
         try:
-            return pa.array(values, self._arrow_type(c))  # ids as JSON integers
-        except _CONVERSION_ERRORS:
+            return pa.array(values, self.arrow_type(c))  # ids as JSON integers
+        except CONVERSION_ERRORS:
             pass
         try:
-            col = pa.array(values, self._arrow_type(c, as_string=True))  # ids as decimal strings
-        except _CONVERSION_ERRORS:
+            col = pa.array(values, self.arrow_type(c, as_string=True))  # ids as decimal strings
+        except CONVERSION_ERRORS:
             raise _Fallback from None  # one column mixing both conventions
         digits = pc.list_flatten(col) if c.type == "multi_hot" else col
-        if not pc.all(pc.match_substring_regex(digits, _DECIMAL_RE2), min_count=0).as_py():
+        if not pc.all(pc.match_substring_regex(digits, DECIMAL_RE2), min_count=0).as_py():
             raise _Fallback  # Arrow's cast would also take hex ("0x10"): decimal only
         try:
-            return pc.cast(col, self._arrow_type(c))  # exact decimal -> int64
-        except _CONVERSION_ERRORS:
+            return pc.cast(col, self.arrow_type(c))  # exact decimal -> int64
+        except CONVERSION_ERRORS:
             raise _Fallback from None  # out of the int64 range
 
     def _slow(self, body: bytes) -> pa.Table:
@@ -246,7 +299,9 @@ class RequestParser:
             raise _request_error(e) from None
         # Valid, but not in a shape the fast path takes (e.g. one column mixing JSON integers
         # and decimal strings, or a boolean id): the validated values have every id as an int.
+        items, columns = req.items, req.columns  # type: ignore[attr-defined]
+        n = self._check_shape(items, columns)
         try:
-            return self._table(req.items, req.context)  # type: ignore[attr-defined]
+            return self._table(items, columns, n, req.context)  # type: ignore[attr-defined]
         except _Fallback:  # cannot happen for validated values; never let it become a 500
-            raise RequestError("bad_type", "items", "could not be read") from None
+            raise RequestError("bad_type", "columns" if columns is not None else "items", "could not be read") from None

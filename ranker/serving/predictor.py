@@ -23,59 +23,104 @@ from torch import nn
 
 from ranker.bundle import MANIFEST, Bundle, load_bundle, probe
 from ranker.errors import RankerError
+from ranker.features import Batch, bag_pads
 from ranker.model import MultiTaskRanker
+from ranker.serving.batching import Batcher, ForwardTimes, HostStaging
 from ranker.serving.drift import ScoreTracker
 from ranker.serving.errors import RequestError
+from ranker.serving.formats import JSON_WIRE, WireFormat
 from ranker.serving.parsing import RequestParser
-from ranker.serving.schemas import FeatureInfo, ModelInfo, TaskInfo, encode_predict_response
+from ranker.serving.schemas import FeatureInfo, ModelInfo, TaskInfo
 from ranker.serving.settings import ServingSettings, resolve_device
+
+
+class CpuEvent:
+    """A host-clock stand-in for ``torch.cuda.Event(enable_timing=True)``: the same interface
+    (``record``, ``synchronize``, ``elapsed_time`` in ms), so the CPU runs the timer's code path."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: CpuEvent) -> float:
+        return (end.t - self.t) * 1e3
 
 
 @dataclass
 class StageTimes:
     shared: float = 0.0  # seconds in encoder + trunk
     heads: dict[str, float] = field(default_factory=dict)  # seconds per task tower
-    _marks: dict[str, float] = field(default_factory=dict)
+    _marks: dict[str, tuple[object, object | None]] = field(default_factory=dict)  # key -> (start, end) events
+
+    def settle(self) -> None:
+        """Turn the recorded events into seconds: one wait, for the last event, per forward
+        (on CUDA the events complete in stream order, so the last one done means all are)."""
+        ends = [end for _, end in self._marks.values() if end is not None]
+        if ends:
+            ends[-1].synchronize()  # type: ignore[attr-defined]
+        for key, (start, end) in self._marks.items():
+            if end is None:
+                continue
+            seconds = start.elapsed_time(end) / 1e3  # type: ignore[attr-defined]
+            if key == "shared":
+                self.shared = seconds
+            else:
+                self.heads[key] = seconds
+        self._marks.clear()
 
 
 class StageTimer:
     """Times the encoder+trunk and each head of ``model`` with forward hooks.
 
     Timings go to the calling thread's active ``StageTimes`` (``recording``), so concurrent
-    requests in worker threads do not mix; outside ``recording`` the hooks do nothing.
-    On CUDA each mark synchronises first, or the times would be kernel-launch times.
+    requests in worker threads do not mix; outside ``recording`` the hooks do nothing. A hook
+    only records an event (``torch.cuda.Event`` on CUDA: enqueued on the stream, no wait);
+    the times are read once the forward is over (``StageTimes.settle``), with one wait per
+    forward instead of a device-wide synchronize in every hook, which would stall the host
+    between kernels and serialise concurrent requests on the GPU.
+
+    Args:
+        model: the model whose stages are timed.
+        event: makes a timing event (``CpuEvent`` by default; ``torch.cuda.Event`` with
+            ``enable_timing=True`` on CUDA).
     """
 
-    def __init__(self, model: MultiTaskRanker, synchronize: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: MultiTaskRanker, event: Callable[[], object] = CpuEvent) -> None:
         self._local = threading.local()
-        self._sync = synchronize
+        self._event = event
         model.encoder.register_forward_pre_hook(functools.partial(self._start, "shared"))
         model.trunk.register_forward_hook(functools.partial(self._stop, "shared"))
         for name, head in model.heads.items():
             head.register_forward_pre_hook(functools.partial(self._start, name))
             head.register_forward_hook(functools.partial(self._stop, name))
 
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
-        return time.perf_counter()
+    def _mark(self) -> object:
+        e = self._event()
+        e.record()  # type: ignore[attr-defined]
+        return e
 
     def _start(self, key: str, _module: nn.Module, _args: object) -> None:
         times: StageTimes | None = getattr(self._local, "times", None)
         if times is not None:
-            times._marks[key] = self._now()
+            times._marks[key] = (self._mark(), None)
 
     def _stop(self, key: str, _module: nn.Module, _args: object, _out: object) -> None:
         times: StageTimes | None = getattr(self._local, "times", None)
         if times is not None and key in times._marks:
-            elapsed = self._now() - times._marks.pop(key)
-            if key == "shared":
-                times.shared = elapsed
-            else:
-                times.heads[key] = elapsed
+            start = times._marks.pop(key)[0]
+            times._marks[key] = (start, self._mark())  # re-inserted: the last stopped stays last
 
     @contextmanager
     def recording(self) -> Iterator[StageTimes]:
+        """Record this thread's stage events; call ``settle()`` on the result once the
+        forward's outputs are on the host (reading them is the one wait)."""
         times = StageTimes()
         self._local.times = times
         try:
@@ -93,7 +138,9 @@ class Prediction:
     shared_seconds: float
     head_seconds: dict[str, float]
     stage_seconds: dict[str, float]  # the work around the model: {"parse", "featurize", "encode"}
-    body: bytes  # the JSON response
+    body: bytes  # the response body
+    media_type: str  # its content type (JSON, or an Arrow stream)
+    merged_requests: int = 1  # requests that shared this request's forward (--batch-window-ms)
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +152,13 @@ class LoadedModel:
     parser: RequestParser
     trackers: Mapping[str, ScoreTracker]
     timer: StageTimer
+    staging: HostStaging | None = None  # pinned host buffers for the copy to a GPU
+    batcher: Batcher | None = None  # merges concurrent forwards (batch_window_ms > 0)
+
+    def close(self) -> None:
+        """Stop merging (after a reload swapped this model out); queued requests still finish."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     @property
     def version(self) -> str:
@@ -132,20 +186,30 @@ class LoadedModel:
         except RankerError as e:
             raise RequestError("unknown_task", "tasks", str(e)) from None
 
-    def predict(self, body: bytes, tasks: Sequence[str]) -> Prediction:
-        """Parse, featurize (column-wise, the training featurizer) and score one request."""
-        t0 = time.perf_counter()
-        table = self.parser.parse(body)  # (n, one column per feature source)
-        t1 = time.perf_counter()
-        batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        t2 = time.perf_counter()
-        with torch.inference_mode(), self.timer.recording() as times:
-            out = self.model.predict(batch, tasks)  # {task: (n,)}
-        scores = {t: s.float().cpu().numpy() for t, s in out.items()}
+    def predict(self, body: bytes, tasks: Sequence[str], wire: WireFormat = JSON_WIRE) -> Prediction:
+        """Parse (JSON rows, JSON columns or an Arrow stream, as ``wire`` says), featurize
+        (column-wise, the training featurizer) and score one request; with a batcher the
+        forward may be shared with concurrent requests."""
+        batcher = self.batcher
+        if batcher is not None:
+            batcher.enter()  # from here the batcher may wait for this request's batch
+        pending = batcher is not None
+        try:
+            t0 = time.perf_counter()
+            table = wire.decode(self.parser, body)  # (n, one column per feature source)
+            t1 = time.perf_counter()
+            batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
+            t2 = time.perf_counter()
+            if batcher is not None:
+                pending = False
+                scores, times = batcher.run(batch, tasks)
+            else:
+                scores, times = self.forward(batch, list(tasks))
+        finally:
+            if pending:
+                batcher.leave()  # type: ignore[union-attr]
         t3 = time.perf_counter()
-        response = encode_predict_response(self.version, scores)
+        response = wire.encode(self.version, scores)
         return Prediction(
             tasks=list(tasks),
             n_items=table.num_rows,
@@ -155,7 +219,12 @@ class LoadedModel:
             head_seconds=dict(times.heads),
             stage_seconds={"parse": t1 - t0, "featurize": t2 - t1, "encode": time.perf_counter() - t3},
             body=response,
+            media_type=wire.media_type,
+            merged_requests=times.requests,
         )
+
+    def forward(self, batch: Batch, tasks: list[str]) -> tuple[dict[str, np.ndarray], ForwardTimes]:
+        return score_batch(self.model, self.timer, self.staging, batch, tasks)
 
     def warm_up(self, rows: int) -> None:
         """Run a few all-missing batches up to ``rows`` through the whole request path, so the
@@ -177,6 +246,19 @@ class LoadedModel:
             ],
             metrics=b.metrics,
         )
+
+
+def score_batch(model: MultiTaskRanker, timer: StageTimer, staging: HostStaging | None, batch: Batch, tasks: list[str]) -> tuple[dict[str, np.ndarray], ForwardTimes]:
+    """The model's own forward on one host batch: copied to the device (through pinned
+    buffers on a GPU), scored, the scores brought back in one copy (the one wait for the
+    device), then the stage events read."""
+    if staging is not None:
+        batch = staging.to_device(batch)
+    with torch.inference_mode(), timer.recording() as times:
+        out = model.predict(batch, tasks)  # {task: (n,)}
+        stacked = torch.stack([out[t] for t in tasks]).float().cpu().numpy()  # (T, n): one device-to-host copy
+    times.settle()
+    return {t: stacked[i] for i, t in enumerate(tasks)}, ForwardTimes(times.shared, dict(times.heads), rows=stacked.shape[1])
 
 
 def _trackers(bundle: Bundle, window: int) -> dict[str, ScoreTracker]:
@@ -209,12 +291,22 @@ def load_model(source: Bundle | str | Path, settings: ServingSettings, warm: boo
         probe(bundle)  # on the CPU, where load_bundle put it
         device = resolve_device(settings.device)
         bundle.model.to(device).eval()
+        cuda = device.type == "cuda"
+        timer = StageTimer(bundle.model, functools.partial(torch.cuda.Event, enable_timing=True) if cuda else CpuEvent)
+        staging = HostStaging(device, pin=True) if cuda else None
+        batcher = None
+        if settings.batch_window_ms > 0:
+            forward = functools.partial(score_batch, bundle.model, timer, staging)
+            rows = settings.batch_max_items or settings.max_items
+            batcher = Batcher(forward, settings.batch_window_ms / 1e3, rows, bag_pads(bundle.config.features))
         loaded = LoadedModel(
             bundle=bundle,
             device=device,
             parser=RequestParser(bundle.featurizer, settings.max_items),
             trackers=_trackers(bundle, settings.drift_window),
-            timer=StageTimer(bundle.model, torch.cuda.synchronize if device.type == "cuda" else None),
+            timer=timer,
+            staging=staging,
+            batcher=batcher,
         )
         if warm:
             loaded.warm_up(min(settings.warmup_rows, settings.max_items))

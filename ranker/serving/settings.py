@@ -60,10 +60,18 @@ class ServingSettings(BaseModel):
     feedback_token: SecretStr | None = None
     drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi
     warmup_rows: int = Field(default=1_000, gt=0)  # largest warm-up batch (capped at max_items) before ready
-    # torch intra-op threads per forward; None = cores // concurrency, so concurrent forwards
+    # torch intra-op threads per forward; None = cores // (concurrency * workers), so concurrent forwards
     # do not oversubscribe the cores (OpenMP teams spin-wait: oversubscribed, a forward can
     # take 10-30x longer)
     torch_threads: int | None = Field(default=None, gt=0)
+    # merge concurrent requests into one forward: the first waits at most this long for others
+    # (0: off; never waits when no other request is in flight); meant for GPUs, where a forward's
+    # cost hardly grows with its rows
+    # worker processes sharing the port (each with `concurrency` request threads and its own
+    # model copy): parsing and featurizing hold the GIL, so one process uses about one core
+    workers: int = Field(default=1, ge=1, le=64)
+    batch_window_ms: float = Field(default=0.0, ge=0, le=100)
+    batch_max_items: int | None = Field(default=None, gt=0)  # candidates per merged forward (default max_items)
 
     @field_validator("admin_token", "feedback_token", mode="before")
     @classmethod
@@ -79,7 +87,7 @@ class ServingSettings(BaseModel):
 
     @property
     def intra_op_threads(self) -> int:
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.concurrency)
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // (self.concurrency * self.workers))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **values: Any) -> ServingSettings:

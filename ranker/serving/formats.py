@@ -1,0 +1,244 @@
+"""Request and response codecs of /predict: row-wise JSON, column-wise JSON, Arrow IPC streams.
+
+Every request codec produces the same thing, an Arrow table with one column per feature source
+and one row per candidate, which then goes through the training featurizer; so the three
+layouts give the same scores for the same values.
+
+    Content-Type: application/json                       {"context": {...}, "items": [{...}, ...]}
+                                                          {"context": {...}, "columns": {"price": [...]}}
+    Content-Type: application/vnd.apache.arrow.stream    one or more record batches, a row per candidate
+
+JSON bodies are read by ``parsing.RequestParser``. An Arrow stream is read here without a copy:
+its columns are checked against the bundle's features (type, finiteness, the int64 range) and
+cast only where the featurizer needs another type; dictionary-encoded string columns stay
+dictionary-encoded, so each distinct value is hashed once. Columns the bundle does not read are
+ignored, as unknown JSON keys are.
+
+Answers are JSON by default (``{"model_version": ..., "scores": {task: [...]}}``) and an Arrow
+stream of one record batch (a float32 column per task, null where a score is not finite, the
+model version in the schema metadata and the ``X-Model-Version`` header) when ``Accept`` asks
+for ``application/vnd.apache.arrow.stream``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ranker.serving.errors import RequestError, ServingError
+from ranker.serving.parsing import CONVERSION_ERRORS, DECIMAL_RE2, INT64_MAX, Column, RequestParser
+from ranker.serving.schemas import encode_predict_response
+
+JSON = "application/json"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+MODEL_VERSION_KEY = b"model_version"  # Arrow schema metadata key of an Arrow answer
+
+
+def _media(header: str | None) -> list[tuple[str, float]]:
+    """'a/b;q=0.5, c/d' -> [('a/b', 0.5), ('c/d', 1.0)] (lower case, parameters dropped)."""
+    out = []
+    for part in (header or "").split(","):
+        kind, *params = [p.strip() for p in part.split(";")]
+        if not kind:
+            continue
+        q = 1.0
+        for p in params:
+            if p.lower().startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        out.append((kind.lower(), q))
+    return out
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """How one request's body is read and its answer written.
+
+    Args:
+        arrow_request: the body is an Arrow IPC stream (else JSON, row- or column-wise).
+        arrow_response: answer with an Arrow IPC stream (else JSON).
+
+    Example:
+        >>> negotiate("application/vnd.apache.arrow.stream", "application/json")
+        WireFormat(arrow_request=True, arrow_response=False)
+    """
+
+    arrow_request: bool = False
+    arrow_response: bool = False
+
+    @property
+    def media_type(self) -> str:
+        return ARROW_STREAM if self.arrow_response else JSON
+
+    def decode(self, parser: RequestParser, body: bytes) -> pa.Table:
+        """The feature table of one body. Raises RequestError naming the field at fault."""
+        return read_arrow(parser, body) if self.arrow_request else parser.parse(body)
+
+    def encode(self, version: str, scores: Mapping[str, np.ndarray]) -> bytes:
+        return encode_arrow_response(version, scores) if self.arrow_response else encode_predict_response(version, scores)
+
+
+JSON_WIRE = WireFormat()  # JSON in (rows or columns), JSON out: the default
+
+
+def negotiate(content_type: str | None, accept: str | None) -> WireFormat:
+    """The wire format from the request's ``Content-Type`` and ``Accept`` headers.
+
+    A missing Content-Type, ``application/json`` and any ``+json`` type are JSON; the Arrow
+    stream type is Arrow; anything else is a 415. The answer is Arrow when ``Accept`` rates the
+    Arrow stream type above JSON (or lists it and not JSON), JSON otherwise; an ``Accept`` that
+    admits neither (nor ``*/*``, ``application/*``) is a 406.
+
+    Raises:
+        ServingError: 415 or 406, reason ``bad_media_type``.
+    """
+    kinds = _media(content_type)
+    kind = kinds[0][0] if kinds else JSON
+    if kind == ARROW_STREAM:
+        arrow_request = True
+    elif kind == JSON or kind.endswith("+json") or kind in ("text/plain", "*/*"):
+        arrow_request = False
+    else:
+        raise ServingError(415, "bad_media_type", "content-type", f"{kind!r} is not read; send {JSON} (rows or columns) or {ARROW_STREAM}")
+    accepted = _media(accept)
+    if not accepted:
+        return WireFormat(arrow_request, False)
+    rate = {k: q for k, q in accepted}
+    wild = max(rate.get("*/*", 0.0), rate.get("application/*", 0.0))
+    q_json, q_arrow = rate.get(JSON, wild), rate.get(ARROW_STREAM, wild)
+    if q_json <= 0 and q_arrow <= 0:
+        raise ServingError(406, "bad_media_type", "accept", f"answers are {JSON} or {ARROW_STREAM}; {accept!r} accepts neither")
+    return WireFormat(arrow_request, ARROW_STREAM in rate and q_arrow > q_json)
+
+
+def encode_arrow_response(version: str, scores: Mapping[str, np.ndarray]) -> bytes:
+    """One record batch, a float32 column per task (null where a score is not finite)."""
+    cols = {}
+    for task, s in scores.items():
+        s = np.ascontiguousarray(s, dtype=np.float32)
+        bad = ~np.isfinite(s)
+        cols[task] = pa.array(s, pa.float32(), mask=bad if bad.any() else None)
+    batch = pa.record_batch(cols, metadata={MODEL_VERSION_KEY: version.encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+# ---------------------------------------------------------------- Arrow requests
+
+
+def _bad(column: str, message: str, reason: str = "bad_arrow") -> RequestError:
+    return RequestError(reason, f"columns.{column}", message)  # type: ignore[arg-type]
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+    """Index of the first true value of a boolean array (nulls count as false)."""
+    return int(np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))[0])
+
+
+def _value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _check_ids(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None) -> pa.ChunkedArray:
+    """Integer ids as int64 (values kept exactly), or decimal strings cast exactly to int64.
+    ``at`` names the value at a flat index (a list's element: ``tags[3][1]``)."""
+    at = at or (lambda i: f"{name}[{i}]")
+    t = _value_type(col.type)
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, t)  # ids are hashed from their values; a dictionary buys nothing here
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        if pa.types.is_uint64(t) and col.null_count < len(col) and pc.max(col).as_py() > INT64_MAX:
+            i = _first(pc.greater(col, pa.scalar(INT64_MAX, pa.uint64())))
+            raise _bad(at(i), "integer out of the int64 range", "bad_type")
+        return col if t == pa.int64() else pc.cast(col, pa.int64())
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        ok = pc.match_substring_regex(col, DECIMAL_RE2)
+        if not pc.all(ok, min_count=0).as_py():
+            i = _first(pc.invert(pc.fill_null(ok, True)))
+            raise _bad(at(i), "expected an int64 integer or a decimal string of one", "bad_type")
+        try:
+            return pc.cast(col, pa.int64())
+        except CONVERSION_ERRORS:
+            raise _bad(name, "a decimal string out of the int64 range", "bad_type") from None
+    raise _bad(name, f"has type {col.type}; feature values here are int64 ids (integers or decimal strings)", "bad_type")
+
+
+def _check_strings(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None) -> pa.ChunkedArray:
+    if pa.types.is_string(_value_type(col.type)) or pa.types.is_large_string(_value_type(col.type)):
+        return col  # dictionary-encoded strings stay so: the featurizer hashes the dictionary
+    raise _bad(name, f"has type {col.type}; feature values here are strings", "bad_type")
+
+
+def _with_values(chunk: pa.Array, values: pa.Array) -> pa.Array:
+    """A list array with the offsets and validity of ``chunk`` over the child ``values``."""
+    if values.type == chunk.type.value_type:
+        return chunk
+    cls = pa.LargeListArray if pa.types.is_large_list(chunk.type) else pa.ListArray
+    return cls.from_arrays(chunk.offsets, values, mask=chunk.is_null() if chunk.null_count else None)
+
+
+def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
+    """One Arrow column made ready for the featurizer, or a 422 naming it."""
+    name = c.source
+    if pa.types.is_null(col.type):  # all null: every candidate misses the feature
+        return pc.cast(col, RequestParser.arrow_type(c))  # typed, as a JSON column of nulls would be
+    if c.type == "dense":
+        t = _value_type(col.type)
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+            raise _bad(name, f"has type {col.type}; a dense feature needs numbers", "bad_type")
+        x = pc.cast(col, pa.float64())
+        finite = pc.is_finite(x)
+        if not pc.all(finite, min_count=0).as_py():  # nulls are missing values, not errors
+            i = _first(pc.invert(pc.fill_null(finite, True)))
+            raise _bad(f"{name}[{i}]", "must be a finite number (NaN and infinities are refused)", "non_finite")
+        return x
+    check = _check_ids if c.kind == "int" else _check_strings
+    if c.type != "multi_hot":
+        return check(col, name)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise _bad(name, f"has type {col.type}; a multi-hot feature needs lists", "bad_type")
+    # each chunk's child values (what its offsets index) checked as one flat column; a bad
+    # value is named by its row and place in the row's list
+    out, row0 = [], 0
+    for ch in col.chunks:
+        offsets = ch.offsets.to_numpy()
+
+        def at(i: int, offsets: np.ndarray = offsets, row0: int = row0) -> str:
+            row = int(np.searchsorted(offsets, i, side="right")) - 1
+            return f"{name}[{row0 + row}][{i - int(offsets[row])}]"
+
+        out.append(_with_values(ch, check(pa.chunked_array([ch.values]), name, at).combine_chunks()))
+        row0 += len(ch)
+    return pa.chunked_array(out)
+
+
+def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
+    """An Arrow IPC stream body -> the feature table (columns the bundle reads, checked).
+
+    Raises:
+        RequestError: ``bad_arrow`` for a body that is not an Arrow stream, ``bad_type`` or
+            ``non_finite`` naming the column (``columns.price``, ``columns.price[3]``) at fault,
+            ``empty_items``/``too_many_items`` for the row count.
+    """
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+        raise RequestError("bad_arrow", "body", f"not a readable Arrow IPC stream ({e})") from None
+    parser.check_count(table.num_rows, "body")
+    names = table.schema.names
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise _bad(dup, "appears twice in the stream's schema")
+    out = {}
+    for c in parser.columns:
+        if c.source in names:
+            out[c.source] = _check_column(table.column(c.source), c)
+    return pa.table(out) if out else pa.table({"__rows__": pa.nulls(table.num_rows)})

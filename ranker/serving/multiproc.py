@@ -1,0 +1,148 @@
+"""Metrics across the worker processes of one server (``ranker serve --workers N``).
+
+Every worker answers /metrics for the whole server, whichever worker the scrape reaches:
+
+- Ordinary ``Counter``/``Histogram``/``Gauge`` metrics, ours or any another module registers,
+  use prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set before the
+  workers start (so before they import prometheus_client), each process writes its values to
+  its own memory-mapped files there, and a scrape sums them (``MultiProcessCollector``).
+  Gauges say how to combine processes (``multiprocess_mode``: ``ranker_ready`` is the minimum
+  over live workers, ``ranker_model_info`` the maximum).
+- The per-task score histograms, bin counters and drift windows come from custom collectors,
+  which that mode does not see. ``SharedScores`` publishes each worker's tracker state (all-time
+  bin counts, score sum, sliding-window bin counts) to a small memory-mapped file of its own
+  after every request; a scrape sums the all-time counts over every file (a worker that died
+  keeps its share, so the counters never go back) and the windows over the live workers only,
+  and computes PSI once on the summed window: the server's recent scores, as with one process.
+
+The known traps of multiprocess mode, and what is done about them:
+- stale files from an earlier run would be summed in: the server starts on an empty
+  directory (a fresh temporary one, or ours removed from the one given) and removes a
+  temporary one on exit;
+- a worker that dies leaves its live-gauge files behind: a scrape drops the files of
+  processes no longer alive (``mark_process_dead``) and their drift windows;
+- ``/admin/reload`` would swap the model in one worker only: with several workers it is
+  refused (409); roll the server (SIGHUP restarts the workers one by one) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from ranker.reference import psi
+from ranker.serving.drift import TrackerSnapshot
+from ranker.serving.predictor import LoadedModel
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_SCORES = re.compile(r"scores-(?P<version>[0-9A-Za-z_.-]+)-(?P<pid>[0-9]+)\.bin")
+_LIVE_GAUGE = re.compile(r"gauge_live[a-z]*_(?P<pid>[0-9]+)\.db")
+
+
+def multiprocess_dir() -> Path | None:
+    """The shared metrics directory when this process is one of several workers."""
+    path = os.environ.get(METRICS_DIR_ENV)
+    return Path(path) if path else None
+
+
+def clear_dir(path: Path) -> None:
+    """Remove the metric files of an earlier run (ours only: ``*.db`` and score files)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for f in path.iterdir():
+        if f.suffix == ".db" or _SCORES.fullmatch(f.name):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _layout(loaded: LoadedModel) -> dict[str, tuple[int, int]]:
+    """Per task, (offset, bins) in a score file: [counts (K), window (K), score sum (1)]."""
+    out, offset = {}, 0
+    for task, tracker in loaded.trackers.items():
+        out[task] = (offset, tracker.bins)
+        offset += 2 * tracker.bins + 1
+    return out
+
+
+class SharedScores:
+    """Each worker's score trackers published to, and summed from, the shared directory.
+
+    Args:
+        path: the directory every worker of the server shares.
+
+    Example:
+        >>> shared = SharedScores(Path(tmp))  # doctest: +SKIP
+        >>> shared.publish(loaded); shared.snapshots(loaded)["ctr"].psi  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._maps: dict[str, np.memmap] = {}
+
+    def publish(self, loaded: LoadedModel) -> None:
+        """Write this process's tracker state for ``loaded`` (after each request)."""
+        layout = _layout(loaded)
+        m = self._maps.get(loaded.version)
+        if m is None:
+            size = sum(2 * k + 1 for _, k in layout.values())
+            name = self.path / f"scores-{loaded.version}-{os.getpid()}.bin"
+            m = self._maps[loaded.version] = np.memmap(name, dtype=np.float64, mode="w+", shape=(size,))
+        for task, (off, k) in layout.items():
+            counts, total, window = loaded.trackers[task].state()
+            m[off : off + k] = counts
+            m[off + k : off + 2 * k] = window
+            m[off + 2 * k] = total
+
+    def snapshots(self, loaded: LoadedModel) -> dict[str, TrackerSnapshot]:
+        """Every worker's trackers summed: all-time counts over all, windows over the live."""
+        layout = _layout(loaded)
+        size = sum(2 * k + 1 for _, k in layout.values())
+        counts = np.zeros(size)
+        window = np.zeros(size)
+        for f in self.path.glob(f"scores-{loaded.version}-*.bin"):
+            m = _SCORES.fullmatch(f.name)
+            if m is None:
+                continue
+            v = np.fromfile(f, dtype=np.float64)
+            if v.shape != (size,):
+                continue  # being created
+            counts += v
+            if _alive(int(m["pid"])):
+                window += v
+        out = {}
+        for task, (off, k) in layout.items():
+            tracker = loaded.trackers[task]
+            w = window[off + k : off + 2 * k].astype(np.int64)
+            out[task] = TrackerSnapshot(counts[off : off + k].astype(np.int64), float(counts[off + 2 * k]), w, psi(w, tracker.shares))
+        return out
+
+    def forget_dead(self) -> None:
+        """Drop the live-gauge files of workers that died (their counters stay summed)."""
+        for f in self.path.glob("gauge_live*_*.db"):
+            m = _LIVE_GAUGE.fullmatch(f.name)
+            if m is not None and not _alive(int(m["pid"])):
+                mark_process_dead(int(m["pid"]), str(self.path))
+
+    def exposition(self, collectors: Iterator[object]) -> bytes:
+        """The whole server's metrics: every process's files plus ``collectors`` (ours, reading
+        shared state), in the Prometheus text format."""
+        self.forget_dead()
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry, str(self.path))
+        for c in collectors:
+            registry.register(c)  # type: ignore[arg-type]
+        return generate_latest(registry)

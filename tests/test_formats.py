@@ -1,0 +1,209 @@
+"""/predict's three body layouts (JSON rows, JSON columns, Arrow IPC streams) and two answer
+formats: same scores for the same values, same validation, 4xx naming the column; through the
+app (TestClient) and a real `ranker serve` process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from ranker.serving import ServingSettings, create_app
+from ranker.serving.errors import ServingError
+from ranker.serving.formats import ARROW_STREAM, MODEL_VERSION_KEY, negotiate
+from tests.serving_fixtures import TASKS, mmoe_bundle, ranker_serve, serving_data
+
+ARROW = {"content-type": ARROW_STREAM}
+
+
+def arrow_body(*batches: pa.RecordBatch | pa.Table) -> bytes:
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in batches]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, tables[0].schema) as w:
+        for t in tables:
+            w.write_table(t)
+    return sink.getvalue().to_pybytes()
+
+
+def arrow_scores(content: bytes) -> tuple[dict[str, list[float | None]], str]:
+    t = pa.ipc.open_stream(pa.py_buffer(content)).read_all()
+    return {name: t.column(name).to_pylist() for name in t.schema.names}, t.schema.metadata[MODEL_VERSION_KEY].decode()
+
+
+def columns_body(table: pa.Table, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"columns": {name: table.column(name).to_pylist() for name in table.schema.names}}
+    if context:
+        body["context"] = context
+    return body
+
+
+@pytest.fixture(scope="module")
+def rows() -> pa.Table:
+    """Validation rows with every feature shape: ids above 2**53, nulls, lists, a renamed column."""
+    t = pq.read_table(serving_data().val_file).slice(0, 120)
+    return t.select(["user_id", "item_category", "device", "tags", "topic_ids", "price", "age_days"])
+
+
+@contextmanager
+def app(**settings: Any) -> Iterator[TestClient]:
+    cfg = ServingSettings(bundle=mmoe_bundle(), device="cpu", warmup_rows=16, **settings)
+    with TestClient(create_app(cfg, registry=CollectorRegistry())) as c:
+        yield c
+
+
+def same(a: dict[str, list], b: dict[str, list]) -> None:
+    assert set(a) == set(b)
+    for t in a:
+        np.testing.assert_allclose(np.array(a[t], dtype=np.float64), np.array(b[t], dtype=np.float64), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- same scores, every layout
+
+
+def test_three_layouts_two_answers_same_scores_in_process(rows: pa.Table) -> None:
+    """Rows, columns, an Arrow stream (plain, dictionary-encoded, split into batches, narrower
+    int and float types, ids as decimal strings) all give the row-wise scores; the Arrow
+    answer carries the same float32 values as the JSON one."""
+    dict_encoded = rows.set_column(1, "item_category", rows.column("item_category").combine_chunks().dictionary_encode())
+    dict_encoded = dict_encoded.set_column(2, "device", dict_encoded.column("device").combine_chunks().dictionary_encode())
+    narrow = rows.set_column(6, "age_days", rows.column("age_days").cast(pa.float32()).cast(pa.float64()))
+    ids_as_text = rows.set_column(0, "user_id", rows.column("user_id").cast(pa.string()))
+    with app() as c:
+        want = c.post("/predict", json={"items": rows.to_pylist()}).json()["scores"]
+        same(c.post("/predict", json=columns_body(rows)).json()["scores"], want)
+        for table in (rows, dict_encoded, ids_as_text, narrow):
+            r = c.post("/predict", content=arrow_body(table), headers=ARROW)
+            assert r.status_code == 200, r.text
+            same(r.json()["scores"], want if table is not narrow else c.post("/predict", json={"items": narrow.to_pylist()}).json()["scores"])
+        # three record batches, dictionaries differing between them
+        parts = [dict_encoded.slice(0, 50), dict_encoded.slice(50, 1), dict_encoded.slice(51)]
+        parts = [p.set_column(1, "item_category", p.column("item_category").combine_chunks().dictionary_decode().dictionary_encode()) for p in parts]
+        r = c.post("/predict?tasks=cvr,ctr", content=arrow_body(*parts), headers={**ARROW, "accept": ARROW_STREAM})
+        assert r.status_code == 200 and r.headers["content-type"] == ARROW_STREAM
+        got, version = arrow_scores(r.content)
+        assert list(got) == ["cvr", "ctr"] and version == r.headers["x-model-version"]
+        same(got, {t: want[t] for t in ("cvr", "ctr")})
+        # the Arrow answer holds exactly the float32 scores the JSON answer writes
+        j = c.post("/predict", json={"items": rows.to_pylist()}).json()["scores"]
+        a, _ = arrow_scores(c.post("/predict", json={"items": rows.to_pylist()}, headers={"accept": ARROW_STREAM}).content)
+        assert all(np.array_equal(np.float32(j[t]), np.float32(a[t])) for t in TASKS)
+
+
+def test_columns_with_context_broadcast_like_rows(rows: pa.Table) -> None:
+    """Context values fill a column the body lacks and the nulls of one it has."""
+    items = rows.drop_columns(["user_id"]).to_pylist()
+    ctx = {"user_id": str(rows.column("user_id")[0].as_py()), "device": "web"}
+    with app() as c:
+        want = c.post("/predict", json={"context": ctx, "items": items}).json()["scores"]
+        got = c.post("/predict", json=columns_body(rows.drop_columns(["user_id"]), ctx)).json()["scores"]
+    same(got, want)
+
+
+def test_real_server_same_scores_for_every_layout(tmp_path: Path, rows: pa.Table) -> None:
+    with ranker_serve(mmoe_bundle(), tmp_path / "serve.log", "--concurrency", "2", env={"RANKER_WARMUP_ROWS": "16"}) as url:
+        want = httpx.post(f"{url}/predict", json={"items": rows.to_pylist()}).json()["scores"]
+        same(httpx.post(f"{url}/predict", json=columns_body(rows)).json()["scores"], want)
+        r = httpx.post(f"{url}/predict", content=arrow_body(rows), headers={**ARROW, "accept": ARROW_STREAM})
+        assert r.status_code == 200 and r.headers["content-type"] == ARROW_STREAM
+        same(arrow_scores(r.content)[0], want)
+        bad = httpx.post(f"{url}/predict", content=arrow_body(rows.set_column(5, "price", pa.array(["x"] * rows.num_rows))), headers=ARROW)
+        assert bad.status_code == 422 and bad.json()["field"] == "columns.price"
+
+
+# ---------------------------------------------------------------- refusals name the column
+
+
+def _tbl(**cols: pa.Array) -> pa.Table:
+    return pa.table(cols)
+
+
+BAD_COLUMNS = [
+    # (id, json body, reason, field)
+    ("lengths_differ", {"columns": {"price": [1.0, 2.0], "device": ["ios"]}}, "bad_columns", "columns.price"),  # named after the bundle's first column
+    ("wrong_type", {"columns": {"price": [1.0, "cheap"]}}, "bad_type", "columns.price[1]"),
+    ("not_a_list", {"columns": {"price": 1.0}}, "bad_type", "columns.price"),
+    ("nan", '{"columns": {"price": [1, NaN]}}', "non_finite", "columns.price[1]"),
+    ("hex_id", {"columns": {"user_id": ["0x10"]}}, "bad_type", "columns.user_id[0]"),
+    ("list_element", {"columns": {"tags": [["a", 7]]}}, "bad_type", "columns.tags[0][1]"),
+    ("empty_columns", {"columns": {}}, "empty_items", "columns"),
+    ("empty_column", {"columns": {"price": []}}, "empty_items", "columns"),
+    ("too_many", {"columns": {"price": [1.0] * 6}}, "too_many_items", "columns"),
+    ("both_layouts", {"items": [{}], "columns": {"price": [1.0]}}, "bad_type", "body"),
+    ("columns_null", {"columns": None}, "bad_type", "columns"),
+]
+
+BAD_ARROW = [
+    ("not_arrow", b"PAR1 certainly not an Arrow stream", "bad_arrow", "body"),
+    ("string_for_dense", _tbl(price=pa.array(["a"])), "bad_type", "columns.price"),
+    ("nan", _tbl(price=pa.array([1.0, None, float("nan")])), "non_finite", "columns.price[2]"),
+    ("inf", _tbl(age_days=pa.array([float("inf")])), "non_finite", "columns.age_days[0]"),
+    ("float_id", _tbl(user_id=pa.array([1.5])), "bad_type", "columns.user_id"),
+    ("int_for_string", _tbl(device=pa.array([3])), "bad_type", "columns.device"),
+    ("uint64_overflow", _tbl(user_id=pa.array([1, 2**63], pa.uint64())), "bad_type", "columns.user_id[1]"),
+    ("text_id", _tbl(user_id=pa.array(["12", "x"])), "bad_type", "columns.user_id[1]"),
+    ("list_values", _tbl(topic_ids=pa.array([["1"], None, [], ["2", "a"]])), "bad_type", "columns.topic_ids[3][1]"),
+    ("scalar_for_list", _tbl(tags=pa.array(["a"])), "bad_type", "columns.tags"),
+    ("no_rows", _tbl(price=pa.array([], pa.float64())), "empty_items", "body"),
+    ("too_many", _tbl(price=pa.array([1.0] * 6)), "too_many_items", "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason", "field"), [b[1:] for b in BAD_COLUMNS + BAD_ARROW], ids=[b[0] for b in BAD_COLUMNS + BAD_ARROW])
+def test_bad_columns_are_422_naming_the_column(body: Any, reason: str, field: str) -> None:
+    with app(max_items=5) as c:
+        if isinstance(body, pa.Table):
+            r = c.post("/predict", content=arrow_body(body), headers=ARROW)
+        elif isinstance(body, bytes):
+            r = c.post("/predict", content=body, headers=ARROW)
+        elif isinstance(body, str):
+            r = c.post("/predict", content=body, headers={"content-type": "application/json"})
+        else:
+            r = c.post("/predict", json=body)
+        assert r.status_code == 422, r.text
+        err = r.json()
+        assert (err["reason"], err["field"]) == (reason, field), err
+        assert err["detail"].startswith(f"{field}: ")
+        metrics = c.get("/metrics").text
+        assert f'ranker_invalid_requests_total{{reason="{reason}"}} 1.0' in metrics
+        assert 'ranker_requests_total{status="5xx"} 0.0' in metrics
+
+
+def test_arrow_null_columns_and_unknown_columns_are_missing_features(rows: pa.Table) -> None:
+    with app() as c:
+        want = c.post("/predict", json={"items": [{"price": 3.0}, {"price": None}]}).json()["scores"]
+        body = arrow_body(_tbl(price=pa.array([3.0, None]), device=pa.nulls(2), tags=pa.nulls(2), user_id=pa.nulls(2), extra=pa.array(["a", "b"])))
+        same(c.post("/predict", content=body, headers=ARROW).json()["scores"], want)
+        only_unknown = c.post("/predict", content=arrow_body(_tbl(extra=pa.array([1, 2]))), headers=ARROW)
+        assert only_unknown.status_code == 200 and len(only_unknown.json()["scores"]["ctr"]) == 2
+
+
+@pytest.mark.parametrize(("content_type", "accept", "status"), [
+    ("text/csv", None, 415),
+    ("application/json", "text/html", 406),
+])
+def test_media_types_not_served_are_refused(content_type: str, accept: str | None, status: int) -> None:
+    headers = {"content-type": content_type} | ({"accept": accept} if accept else {})
+    with app() as c:
+        r = c.post("/predict", content=json.dumps({"items": [{}]}), headers=headers)
+    assert r.status_code == status and r.json()["reason"] == "bad_media_type"
+
+
+def test_negotiation() -> None:
+    assert not negotiate(None, None).arrow_request
+    assert negotiate(ARROW_STREAM, None) == negotiate(ARROW_STREAM, "*/*")
+    assert negotiate(None, f"{ARROW_STREAM}, application/json;q=0.5").arrow_response
+    assert not negotiate(None, f"{ARROW_STREAM};q=0.4, application/json").arrow_response
+    assert not negotiate(None, "*/*").arrow_response  # a wildcard gets the default, JSON
+    assert negotiate("application/json; charset=utf-8", ARROW_STREAM).arrow_response
+    with pytest.raises(ServingError, match="content-type"):
+        negotiate("application/x-protobuf", None)

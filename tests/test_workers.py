@@ -1,0 +1,147 @@
+"""`ranker serve --workers 2`: real worker processes on one port, metrics summed across them,
+drift per task over the live workers' windows, a killed worker's counters kept and its live
+gauges dropped, and no stale files after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+from prometheus_client.parser import text_string_to_metric_families
+
+from ranker.bundle import load_bundle
+from ranker.reference import assign_bins, psi
+from tests.serving_fixtures import TASKS, mmoe_bundle, ranker_serve, serving_data
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return m[(name, tuple(sorted(labels.items())))]
+
+
+def score_pids(d: Path) -> set[int]:
+    return {int(f.stem.rsplit("-", 1)[1]) for f in d.glob("scores-*.bin")}
+
+
+def live_gauge_pids(d: Path) -> set[int]:
+    return {int(f.stem.rsplit("_", 1)[1]) for f in d.glob("gauge_livemin_*.db")}
+
+
+def wait_for(cond, timeout: float = 90.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.3)
+
+
+def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Path) -> None:
+    mdir = tmp_path / "metrics"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16", "RANKER_ADMIN_TOKEN": "t"}
+    rows = pq.read_table(serving_data().val_file).slice(0, 60).to_pylist()
+    b = load_bundle(mmoe_bundle())
+    ref = b.reference["ctr"]
+    first, second = rows[:30], rows[30:]
+    with ranker_serve(mmoe_bundle(), tmp_path / "serve.log", "--workers", "2", "--concurrency", "1", env=env) as url:
+        assert httpx.post(f"{url}/admin/reload", json={"bundle": str(mmoe_bundle())}, headers={"Authorization": "Bearer t"}).status_code == 409
+        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)  # /readyz answered from one worker; now both
+        assert value(scrape(url), "ranker_requests_total", status="2xx") == 0
+        # batch 1 on one keep-alive connection: one worker serves it all
+        with httpx.Client(base_url=url, timeout=30) as c:
+            s1 = [c.post("/predict?tasks=ctr", json={"items": [r]}).json()["scores"]["ctr"][0] for r in first]
+        (served,) = score_pids(mdir)
+        workers = live_gauge_pids(mdir)
+        assert len(workers) == 2 and served in workers
+        os.kill(served, signal.SIGKILL)  # the supervisor starts a new worker
+        wait_for(lambda: live_gauge_pids(mdir) - workers)
+        with httpx.Client(base_url=url, timeout=30) as c:  # a new connection: a live worker
+            s2 = [c.post("/predict?tasks=ctr", json={"items": [r]}).json()["scores"]["ctr"][0] for r in second]
+            s3 = c.post("/predict", json={"items": [{}]}).json()["scores"]["ctr"][0]  # all tasks
+            assert c.post("/predict", json={"items": [{"price": "x"}]}).status_code == 422
+        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)  # the new worker warm too
+        scrapes = [scrape(url) for _ in range(6)]  # whichever worker answers: the same totals
+        log = (tmp_path / "serve.log").read_text()
+    assert f"[{served}] died" in log
+    for m in scrapes:
+        assert value(m, "ranker_requests_total", status="2xx") == 61  # the dead worker's 30 kept
+        assert value(m, "ranker_requests_total", status="4xx") == 1
+        assert value(m, "ranker_request_duration_seconds_count") == 62
+        assert value(m, "ranker_task_requests_total", task="ctr") == 61
+        assert value(m, "ranker_task_items_total", task="cvr") == 1
+        assert value(m, "ranker_invalid_requests_total", reason="bad_type") == 1
+        assert value(m, "ranker_task_score_count", task="ctr") == 61
+        np.testing.assert_allclose(value(m, "ranker_task_score_sum", task="ctr"), sum(s1) + sum(s2) + s3, rtol=1e-5)
+        assert value(m, "ranker_ready") == 1
+        assert value(m, "ranker_model_info", version=b.version, architecture="mmoe") == 1
+        assert all(("ranker_task_drift_psi", (("task", t),)) in m for t in TASKS)
+    # PSI over the live workers' windows: batch 2 and the all-tasks request, not the dead worker's batch 1
+    window = np.array([*s2, s3])
+    edges, shares = np.asarray(ref["edges"]), np.asarray(ref["shares"])
+    want_psi = psi(np.bincount(assign_bins(window, edges), minlength=len(shares)), shares)
+    for m in scrapes:
+        np.testing.assert_allclose(value(m, "ranker_task_drift_psi", task="ctr"), want_psi, rtol=1e-9)
+    with_dead = np.concatenate([np.array(s1), window])
+    assert abs(psi(np.bincount(assign_bins(with_dead, edges), minlength=len(shares)), shares) - want_psi) > 1e-6  # the test can tell
+    assert not list(mdir.glob(f"gauge_live*_{served}.db"))  # the dead worker's live gauges dropped at scrape
+
+    # a restart on the same directory starts from zero: no stale files summed in
+    with ranker_serve(mmoe_bundle(), tmp_path / "again.log", "--workers", "2", env=env) as url:
+        m = scrape(url)
+        assert value(m, "ranker_requests_total", status="2xx") == 0
+        assert value(m, "ranker_task_score_count", task="ctr") == 0
+        assert not score_pids(mdir) and served not in {int(f.stem.rsplit("_", 1)[1]) for f in mdir.glob("*.db")}
+        # each worker has its own SO_REUSEPORT socket: 32 connections opened at once reach both
+        # (all on one would happen with probability 2**-31 for a fair spread)
+        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)
+
+        async def burst() -> None:
+            clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(32)]
+            try:
+                codes = await asyncio.gather(*(c.post("/predict?tasks=ctr", json={"items": [{}]}) for c in clients))
+                assert all(r.status_code == 200 for r in codes)
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+        asyncio.run(burst())
+        assert len(score_pids(mdir)) == 2
+        assert value(scrape(url), "ranker_requests_total", status="2xx") == 32
+    assert not list(mdir.iterdir())  # a directory we were given is emptied of our files on exit
+
+
+def test_workers_listening_socket_gets_nodelay_connections() -> None:
+    """asyncio disables Nagle's algorithm only on sockets whose protocol says TCP; with a
+    protocol-0 listening socket (uvicorn's own) every answer waited for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from ranker.serving.workers import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def handle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            seen.append(w.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            w.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _r, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        await asyncio.sleep(0.2)
+        w.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
