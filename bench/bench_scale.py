@@ -1,6 +1,6 @@
 """Training at scale: rows/s and peak RSS for 1M, 10M (and 100M) synthetic rows, one epoch each.
 
-    python bench/bench_scale.py [--rows 1000000,10000000,100000000] [--epochs 1]
+    python bench/bench_scale.py [--rows 1000000,10000000,100000000] [--epochs 1] [--batch-size 1024]
 
 Each size trains in a fresh process so its peak RSS (ru_maxrss) is its own, evaluation of the
 validation and test splits included. Memory must stay flat as the data grows: the loader
@@ -26,7 +26,7 @@ from pathlib import Path
 from ranker.config import load_config
 from ranker.training.trainer import Trainer
 cfg = load_config(sys.argv[1])
-cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": int(sys.argv[3]), "progress": False})})
+cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": int(sys.argv[3]), "batch_size": int(sys.argv[4]), "progress": False})})
 t0 = time.perf_counter()
 res = Trainer(cfg, progress=False, log=lambda s: None).run(sys.argv[2])
 print(json.dumps({
@@ -43,6 +43,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1000000,10000000")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=1024, help="larger batches make the 100M run affordable here")
     args = ap.parse_args()
     from ranker.training.synth import write_synthetic
 
@@ -53,7 +54,7 @@ def main() -> int:
             t0 = time.perf_counter()
             write_synthetic(out, rows=n, seed=0)
             print(f"synthesised {n:,} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-        p = subprocess.run([sys.executable, "-c", CHILD, str(out / "config.yaml"), str(out / "bundle"), str(args.epochs)],
+        p = subprocess.run([sys.executable, "-c", CHILD, str(out / "config.yaml"), str(out / "bundle"), str(args.epochs), str(args.batch_size)],
                            capture_output=True, text=True, check=True)
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results[n] = r
