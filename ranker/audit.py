@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 
 from ranker.config import FeatureSpec, RankerConfig, TaskSpec
 from ranker.errors import RankerError
-from ranker.features import MISSING, Featurizer, _dense_values, _hash_array
+from ranker.features import MISSING, Featurizer, _dense_values, bucket_values
 from ranker.training.data import ParquetSource, extract_labels, label_columns
 
 LEAK_AUC = 0.995  # single-feature val AUC at or above this: the feature all but gives the label away
@@ -153,9 +153,9 @@ class _FeatureBuckets:
             return ids, None
         buckets = self.size - 1
         if self.f.type == "categorical":
-            return _hash_array(col, self.kind, buckets), None  # type: ignore[arg-type]
+            return bucket_values([col], [self.kind], [buckets])[0], None  # type: ignore[list-item]
         lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        values = _hash_array(pc.list_flatten(col), self.kind, buckets)  # type: ignore[arg-type]
+        values = bucket_values([pc.list_flatten(col)], [self.kind], [buckets])[0]  # type: ignore[list-item]
         rows = np.repeat(np.arange(len(lengths)), lengths)
         empty = np.flatnonzero(lengths == 0)  # a null or empty list: one MISSING value
         return np.concatenate([values, np.full(len(empty), MISSING)]), np.concatenate([rows, empty])
