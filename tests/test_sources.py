@@ -206,3 +206,13 @@ def _kill_when_newer(proc: subprocess.Popen, folder: Path, step: int) -> None:
         return any(int(p.name[5:17]) > step + 30 for p in checkpoints(folder))
 
     _kill_when(proc, ready)
+
+
+def test_audit_reads_each_task_from_its_own_source(tmp_path: Path) -> None:
+    from ranker.audit import audit
+
+    cfg_path = split_logs(tmp_path)  # the click log has no conversion column: cvr is audited on its own log
+    labels = {f.task: f.message for f in audit(load_config(cfg_path)) if f.kind == "labels" and f.severity == "info"}
+    n = _rows(tmp_path / "conv" / "train")
+    assert f"train: {n:,} labelled of {n:,}" in labels["cvr"]
+    assert f"train: {_rows(tmp_path / 'clicks' / 'train'):,} labelled of" in labels["ctr"]

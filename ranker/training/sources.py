@@ -132,6 +132,22 @@ class TaskSource:
             yield self.test
 
 
+def source_groups(cfg: RankerConfig) -> list[tuple[str, DataConfig, list[TaskSpec]]]:
+    """(config key, data, tasks labelled there) per source, in order of the first task reading
+    it; a product task goes with its factors (the config checks they share one source).
+
+    Example:
+        >>> # [("data", cfg.data, [ctr, watch]), ("tasks[cvr].data", cvr.data, [cvr])]  # doctest: +SKIP
+    """
+    homes: dict[DataConfig, tuple[str, list[TaskSpec]]] = {}
+    by_name = {t.name: t for t in cfg.tasks}
+    for t in cfg.tasks:
+        data = by_name[t.product[0]].data if t.product else t.data
+        key = "data" if data is None or data == cfg.data else f"tasks[{t.name}].data"
+        homes.setdefault(data or cfg.data, (key, []))[1].append(t)
+    return [(key, d, tasks) for d, (key, tasks) in homes.items()]
+
+
 def task_sources(cfg: RankerConfig) -> list[TaskSource]:
     """Group the tasks by the data they read and open each source's splits; every file must
     hold the feature columns and the label columns of the source's own tasks.
@@ -142,15 +158,9 @@ def task_sources(cfg: RankerConfig) -> list[TaskSource]:
     Raises:
         RankerError: a file lacks a column (one line naming the file and the column).
     """
-    homes: dict[DataConfig, tuple[str, list[TaskSpec]]] = {}
-    by_name = {t.name: t for t in cfg.tasks}
-    for t in cfg.tasks:
-        data = by_name[t.product[0]].data if t.product else t.data
-        key = "data" if data is None or data == cfg.data else f"tasks[{t.name}].data"
-        homes.setdefault(data or cfg.data, (key, []))[1].append(t)
     features = [f.source for f in cfg.features]
     out = []
-    for d, (key, tasks) in homes.items():
+    for key, d, tasks in source_groups(cfg):
         cols = list(dict.fromkeys(features + label_columns(tasks)))
         train = ParquetSource(d.train, f"{key}.train", cols)
         val = ParquetSource(d.val, f"{key}.val", cols)
