@@ -212,19 +212,29 @@ class Streams:
     row_groups: bool
     log: Callable[[str], None] = print
     _open: dict[int, tuple[int, Iterator]] = field(default_factory=dict)  # source -> (pass, iterator)
+    _plans: dict[tuple[int, int], list[list[Unit]]] = field(default_factory=dict)  # (source, pass) -> plan
+    _steps: dict[tuple[int, int], int] = field(default_factory=dict)  # (source, pass) -> steps
 
     def _seed(self, s: int) -> int:
         return self.seed + SOURCE_SEED_STRIDE * s
 
     def plan(self, s: int, p: int) -> list[list[Unit]]:
-        return plan_units(self.sources[s].train.units, self.world, seed=self._seed(s), epoch=p)
+        """The row-group plan of pass ``p`` of source ``s`` (asked for every step: cached)."""
+        if (s, p) not in self._plans:
+            if len(self._plans) > 4 * len(self.sources):  # only the passes in progress matter
+                self._plans.clear()
+                self._steps.clear()
+            self._plans[(s, p)] = plan_units(self.sources[s].train.units, self.world, seed=self._seed(s), epoch=p)
+        return self._plans[(s, p)]
 
     def steps(self, s: int, p: int) -> int:
         """Batches every rank takes in pass ``p`` of source ``s``."""
         if not self.row_groups:
             return -(-self.sources[s].train.num_rows // self.batch_size)
-        local = self.batch_size // self.world
-        return min(-(-sum(u.rows for u in share) // local) for share in self.plan(s, p))
+        if (s, p) not in self._steps:
+            local = self.batch_size // self.world
+            self._steps[(s, p)] = min(-(-sum(u.rows for u in share) // local) for share in self.plan(s, p))
+        return self._steps[(s, p)]
 
     def epoch_steps(self, epoch: int) -> int:
         """S: as many steps as one pass over every source (each source's pass numbered ``epoch``)."""
