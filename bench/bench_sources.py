@@ -68,7 +68,7 @@ def main() -> int:
     path = write_synthetic(out / "data", rows=args.rows, seed=0, task_correlation=0.5)
     split_logs(out / "data")
     raw = yaml.safe_load(path.read_text())
-    raw["model"].update({"architecture": "mmoe", "experts": 4, "expert_dims": [64, 32], "tower_dims": [16]})
+    raw["model"].update({"architecture": "mmoe", "experts": 4, "expert_dims": [32, 16], "tower_dims": [16]})
     raw["train"].update({"epochs": args.epochs, "batch_size": 1024, "lr": 0.002, "threads": args.threads, "progress": False,
                          "diagnostics_batches": 0, "weighting": "uncertainty", "patience": args.epochs})
     runs: dict[str, dict] = {"single": raw}

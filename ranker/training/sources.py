@@ -137,7 +137,13 @@ def source_groups(cfg: RankerConfig) -> list[tuple[str, DataConfig, list[TaskSpe
     it; a product task goes with its factors (the config checks they share one source).
 
     Example:
-        >>> # [("data", cfg.data, [ctr, watch]), ("tasks[cvr].data", cvr.data, [cvr])]  # doctest: +SKIP
+        >>> from ranker.config import parse_config
+        >>> cfg = parse_config({"data": {"train": "clicks", "val": "clicks_val"},
+        ...     "features": [{"name": "price", "type": "dense"}],
+        ...     "tasks": [{"name": "ctr", "type": "binary", "label": "click"},
+        ...               {"name": "cvr", "type": "binary", "label": "conversion", "data": {"train": "conv", "val": "conv_val"}}]})
+        >>> [(key, d.train, [t.name for t in ts]) for key, d, ts in source_groups(cfg)]
+        [('data', 'clicks', ['ctr']), ('tasks[cvr].data', 'conv', ['cvr'])]
     """
     homes: dict[DataConfig, tuple[str, list[TaskSpec]]] = {}
     by_name = {t.name: t for t in cfg.tasks}
@@ -199,8 +205,7 @@ class Streams:
             reads the whole stream and takes its slice of each global batch.
         log: where notes on row groups left out of a pass go.
 
-    Example:
-        >>> # per step: s = schedule[i]; batch = streams.next(s, cursor)  # doctest: +SKIP
+    Each step the trainer asks ``next(schedule[i], cursor, epoch)``; see ``Trainer._run``.
     """
 
     sources: list[TaskSource]
