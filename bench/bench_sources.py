@@ -62,7 +62,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="proportional,temperature,uniform")
+    ap.add_argument("--temperature", type=float, default=2.0)
     args = ap.parse_args()
+    STRATEGIES["temperature"]["temperature"] = args.temperature
 
     out = Path(args.out)
     path = write_synthetic(out / "data", rows=args.rows, seed=0, task_correlation=0.5)
