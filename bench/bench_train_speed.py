@@ -29,6 +29,7 @@ from ranker.config import parse_config  # noqa: E402
 from ranker.model import MultiTaskRanker  # noqa: E402
 from ranker.model.layers import ExpertBank  # noqa: E402
 from ranker.training.data import Loader  # noqa: E402
+from ranker.training.sources import task_sources  # noqa: E402
 from ranker.training.trainer import Trainer, task_losses  # noqa: E402
 from ranker.training.weighting import StepContext, build_weighting  # noqa: E402
 
@@ -101,8 +102,9 @@ def main() -> int:
 
     # 1) the optimisation step alone, on batches featurized up front
     trainer = Trainer(cfg, progress=False, log=lambda s: None)
-    train_src, _, _ = trainer._sources()
-    featurizer, _ = trainer.fit_featurizer(train_src)
+    sources = task_sources(cfg)
+    featurizer, _ = trainer.fit_featurizer(sources)
+    train_src = sources[0].train
     batches = list(Loader(train_src, featurizer, cfg.tasks, 1024, cfg.train.shuffle_buffer)(seed=0))
     batches = [b for b in batches if len(b["cat"]) == 1024]
     weighting = build_weighting("static", cfg.tasks)

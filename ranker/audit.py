@@ -43,10 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ranker.config import FeatureSpec, RankerConfig, TaskSpec
+from ranker.config import DataConfig, FeatureSpec, RankerConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import MISSING, Featurizer, _dense_values, bucket_values
 from ranker.training.data import ParquetSource, extract_labels, label_columns
+from ranker.training.sources import source_groups
 
 LEAK_AUC = 0.995  # single-feature val AUC at or above this: the feature all but gives the label away
 LEAK_R2 = 0.95  # single-feature val R^2 at or above this (regression)
@@ -243,12 +244,11 @@ class _TimeStats:
 
 
 # ----- the audit --------------------------------------------------------------------------------
-def _sources(cfg: RankerConfig, time_column: str | None) -> dict[str, ParquetSource]:
-    cols = [f.source for f in cfg.features] + label_columns(cfg.tasks) + ([time_column] if time_column else [])
-    d = cfg.data
-    out = {"train": ParquetSource(d.train, "data.train", cols), "val": ParquetSource(d.val, "data.val", cols)}
+def _sources(cfg: RankerConfig, key: str, d: DataConfig, tasks: list[TaskSpec], time_column: str | None) -> dict[str, ParquetSource]:
+    cols = [f.source for f in cfg.features] + label_columns(tasks) + ([time_column] if time_column else [])
+    out = {"train": ParquetSource(d.train, f"{key}.train", cols), "val": ParquetSource(d.val, f"{key}.val", cols)}
     if d.test:
-        out["test"] = ParquetSource(d.test, "data.test", cols)
+        out["test"] = ParquetSource(d.test, f"{key}.test", cols)
     return out
 
 
@@ -285,13 +285,20 @@ def audit(cfg: RankerConfig, time_column: str | None = None) -> list[Finding]:
         >>> [f for f in findings if f.severity == "error"]  # doctest: +SKIP
         []
     """
-    srcs = _sources(cfg, time_column)
+    findings = []
+    for key, data, tasks in source_groups(cfg):  # tasks with their own logs: audited on those
+        findings += _audit_source(cfg, key, data, tasks, time_column)
+    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    return sorted(findings, key=lambda f: order[f.severity])
+
+
+def _audit_source(cfg: RankerConfig, key: str, data: DataConfig, tasks: list[TaskSpec], time_column: str | None) -> list[Finding]:
+    srcs = _sources(cfg, key, data, tasks, time_column)
     train = srcs["train"]
     assert train.schema is not None
     kinds = Featurizer.check_schema(cfg.features, train.schema, str(train.files[0]))
     if time_column:
         _time_values(pa.RecordBatch.from_pylist([], schema=pa.schema([train.schema.field(time_column)])), time_column, str(train.files[0]))
-    tasks = list(cfg.tasks)
     edges = _dense_edges(train, [f for f in cfg.features if f.type == "dense"])
     fb = {f.name: _FeatureBuckets(f, kinds.get(f.name), edges.get(f.name)) for f in cfg.features}
     pred = {(f.name, t.name): _Predictor(fb[f.name].size, t) for f in cfg.features for t in tasks}
@@ -340,8 +347,7 @@ def audit(cfg: RankerConfig, time_column: str | None = None) -> list[Finding]:
     findings = _label_findings(tasks, stats) + _leak_findings(cfg, tasks, pred, stats) + _corr_findings(tasks, stats)
     if time_column:
         findings += _time_findings(time_column, tasks, times, drift_n, drift_s)
-    order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-    return sorted(findings, key=lambda f: order[f.severity])
+    return findings
 
 
 def _finite_or_none(v: float | None) -> float | None:

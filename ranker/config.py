@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ranker.errors import RankerError
 
 ARCHITECTURE_NAMES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
+# train.task_sampling.strategy: how often each data source supplies the batch (training.sources)
+SAMPLING_STRATEGIES = ("proportional", "uniform", "temperature")
 
 
 class _Strict(BaseModel):
@@ -72,6 +74,10 @@ class TaskSpec(_Strict):
     # False: the head is evaluated and served but has no loss of its own; it learns only through
     # a product task (ESMM's cvr, free of the click-space sample-selection bias)
     loss: bool = True
+    # the task's own logs (e.g. purchase logs for cvr): it is trained on data.train, validated on
+    # data.val and tested on data.test of these; None = the top-level ``data``. Tasks with equal
+    # ``data`` share one source; train.task_sampling picks the source of each batch
+    data: DataConfig | None = None
 
     @model_validator(mode="after")
     def _check_transform(self) -> TaskSpec:
@@ -84,6 +90,8 @@ class TaskSpec(_Strict):
                 raise ValueError(f"task {self.name!r}: 'product' needs two or more distinct task names")
         elif self.label is None:
             raise ValueError(f"task {self.name!r}: needs a 'label' column (or a 'product' of tasks)")
+        if self.product and self.data is not None:
+            raise ValueError(f"task {self.name!r}: a 'product' task reads its factors' data and takes no 'data' of its own")
         return self
 
 
@@ -185,6 +193,29 @@ class CheckpointConfig(_Strict):
         return self
 
 
+class TaskSampling(_Strict):
+    """Which source each training batch comes from when tasks read different data
+    (``ranker.training.sources``): rates from the sources' train rows n_s. proportional:
+    n_s / sum n; uniform: 1 / sources; temperature: n_s^(1/T) normalised (T5's rule: T = 1 is
+    proportional, large T tends to uniform)."""
+
+    strategy: str = "proportional"
+    temperature: float | None = Field(default=None, gt=0)  # T: set with the temperature strategy only
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in SAMPLING_STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _temperature_used(self) -> TaskSampling:
+        if (self.temperature is not None) != (self.strategy == "temperature"):
+            raise ValueError("temperature: set it with strategy 'temperature' (T5 used 2 or more), and only then")
+        return self
+
+
 class TrainConfig(_Strict):
     batch_size: PositiveInt = 1024
     epochs: PositiveInt = 5
@@ -212,6 +243,8 @@ class TrainConfig(_Strict):
     sharding: Literal["row_groups", "batches"] = "row_groups"
     checkpoint: CheckpointConfig | None = None
     log_dir: str | None = None  # TensorBoard scalars (losses, metrics, weights, diagnostics)
+    # tasks with their own ``data``: how batches are drawn from the sources (one source: unused)
+    task_sampling: TaskSampling = Field(default_factory=TaskSampling)
 
 
 class AuditConfig(_Strict):
@@ -248,6 +281,12 @@ class RankerConfig(_Strict):
         for t in self.tasks:
             if not t.loss and t.name not in factors:
                 raise ValueError(f"task {t.name!r}: 'loss: false' needs the task to be a factor of a product task, or it never learns")
+        by_name = {t.name: t for t in self.tasks}
+        for t in self.tasks:  # a product's label needs its factors' labels on the same rows
+            homes = {f: by_name[f].data for f in t.product}
+            if len(set(homes.values())) > 1:
+                raise ValueError(f"task {t.name!r}: product factors {', '.join(t.product)} read different data; "
+                                 "a product task needs its factors in one source")
         labels = {t.label for t in self.tasks if t.label} | {t.mask for t in self.tasks if t.mask}
         for f in self.features:
             if f.source in labels:
@@ -308,9 +347,13 @@ def load_config(path: str | Path) -> RankerConfig:
             return s
         return str(base / s)
 
-    data = cfg.data.model_copy(update={k: _abs(getattr(cfg.data, k)) for k in ("train", "val", "test")})
+    def _abs_data(d: DataConfig) -> DataConfig:
+        return d.model_copy(update={k: _abs(getattr(d, k)) for k in ("train", "val", "test")})
+
+    data = _abs_data(cfg.data)
+    tasks = [t.model_copy(update={"data": _abs_data(t.data)}) if t.data is not None else t for t in cfg.tasks]
     tc = cfg.train
     update: dict[str, object] = {"log_dir": _abs(tc.log_dir)}
     if tc.checkpoint is not None:
         update["checkpoint"] = tc.checkpoint.model_copy(update={"dir": _abs(tc.checkpoint.dir)})
-    return cfg.model_copy(update={"data": data, "train": tc.model_copy(update=update)})
+    return cfg.model_copy(update={"data": data, "tasks": tasks, "train": tc.model_copy(update=update)})

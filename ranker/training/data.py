@@ -108,7 +108,7 @@ class ParquetSource:
             schema = meta.schema_arrow
             for c in required:
                 if schema.get_field_index(c) < 0:
-                    raise RankerError(f"{f}: missing column {c!r}")
+                    raise RankerError(f"{f}: missing column {c!r} ({key})")
             self.schema = self.schema or schema
             self.num_rows += meta.metadata.num_rows
             md = meta.metadata
@@ -222,6 +222,8 @@ class Loader:
         shuffle_buffer: rows held for shuffling (training); 0 keeps file order (evaluation).
         labels: attach labels (False for scoring unlabelled data).
         pin: hand out batches in page-locked memory (for asynchronous copies to a GPU).
+        unlabelled: tasks not labelled in this source (multi-source training): their
+            ``label:<task>`` is all NaN, so every source's batches carry the same keys.
     """
 
     def __init__(
@@ -233,8 +235,10 @@ class Loader:
         shuffle_buffer: int = 0,
         labels: bool = True,
         pin: bool = False,
+        unlabelled: Sequence[str] = (),
     ) -> None:
         self.source, self.featurizer, self.tasks, self.pin = source, featurizer, list(tasks), pin
+        self.unlabelled = list(unlabelled)
         self.batch_size, self.shuffle_buffer, self.labels = batch_size, shuffle_buffer, labels
         cols = featurizer.columns + (label_columns(tasks) if labels else [])
         self.columns = list(dict.fromkeys(cols))
@@ -245,6 +249,8 @@ class Loader:
             chunk = self.featurizer.transform(rb)
             if self.labels:
                 chunk.update(extract_labels(rb, self.tasks, str(f)))
+                for t in self.unlabelled:
+                    chunk[f"label:{t}"] = torch.full((rb.num_rows,), float("nan"))
             yield chunk
 
     def _prefetched(self, rng: np.random.Generator | None, units: Sequence[Unit] | None = None, depth: int = 2) -> Iterator[Batch]:

@@ -34,6 +34,14 @@ from ranker.training.diagnostics import EpochProbe, format_diagnostics
 from ranker.training.distributed import Collective
 from ranker.training.evaluation import accumulators
 from ranker.training.metrics import check_monitor, monitor_value
+from ranker.training.sources import (
+    SourceCursor,
+    Streams,
+    TaskSource,
+    sampling_rates,
+    schedule,
+    task_sources,
+)
 from ranker.training.tracking import Tracker
 from ranker.training.weighting import StepContext, build_weighting, check_weighting
 
@@ -99,9 +107,10 @@ def evaluate(
     device = next(model.parameters()).device
     model.eval()
     accs = accumulators([(t.name, t.type) for t in tasks])
+    names = [t.name for t in tasks]
     with torch.inference_mode():
         for batch in loader(units=units):
-            out = model.predict(to_device(batch, device))
+            out = model.predict(to_device(batch, device), names)
             for t in tasks:
                 accs[t.name].update(batch[f"label:{t.name}"].numpy(), out[t.name].float().cpu().numpy())
     metrics, scores = {}, {}
@@ -134,6 +143,7 @@ class _Progress:
     ema: dict[str, float] = field(default_factory=dict)
     weights: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count] this epoch
     probe: dict | None = None
+    sources: dict | None = None  # every source's stream position (sources.SourceCursor.state())
 
     def state(self) -> dict:
         return dict(self.__dict__)
@@ -171,35 +181,48 @@ class Trainer:
             self._log(line)
 
     # ----- data ----------------------------------------------------------------------------
-    def _sources(self) -> tuple[ParquetSource, ParquetSource, ParquetSource | None]:
-        cols = [f.source for f in self.cfg.features] + label_columns(self.cfg.tasks)
-        d = self.cfg.data
-        train = ParquetSource(d.train, "data.train", cols)
-        val = ParquetSource(d.val, "data.val", cols)
-        test = ParquetSource(d.test, "data.test", cols) if d.test else None
-        return train, val, test
-
-    def fit_featurizer(self, train: ParquetSource) -> tuple[Featurizer, dict[str, tuple[float, float]]]:
-        """One streaming pass over train: dense statistics, label checks, regression target stats."""
-        assert train.schema is not None
+    def fit_featurizer(self, sources: list[TaskSource]) -> tuple[Featurizer, dict[str, tuple[float, float]]]:
+        """One streaming pass over every source's train split: dense statistics over all of
+        them, label checks, regression target stats over each task's own source. Every split's
+        schema is checked against the first train file's first (value kinds must agree)."""
+        first = sources[0].train
+        assert first.schema is not None
+        kinds = Featurizer.check_schema(self.cfg.features, first.schema, str(first.files[0]))
+        for src in sources:
+            for split in src.splits():
+                if split is not first and split.schema is not None:
+                    Featurizer(self.cfg.features, kinds).check_compatible(split.schema, str(split.files[0]))
         dense = [f.source for f in self.cfg.features if f.type == "dense"]
-        cols = list(dict.fromkeys(dense + label_columns(self.cfg.tasks)))
-        regression = [t for t in self.cfg.tasks if t.type == "regression"]
-        target = {t.name: RunningMoments() for t in regression}
+        target = {t.name: RunningMoments() for t in self.cfg.tasks if t.type == "regression"}
 
         def tapped() -> Iterator[pa.RecordBatch]:
-            for f, rb in train.batches(cols):
-                labels = extract_labels(rb, self.cfg.tasks, str(f))  # validates every label value
-                for t in regression:
-                    y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
-                    target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
-                yield rb
+            for src in sources:
+                cols = list(dict.fromkeys(dense + label_columns(src.tasks)))
+                regression = [t for t in src.tasks if t.type == "regression"]
+                for f, rb in src.train.batches(cols):
+                    labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
+                    for t in regression:
+                        y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
+                        target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
+                    yield rb
 
-        featurizer = Featurizer.fit(self.cfg.features, train.schema, tapped(), str(train.files[0]))
-        for t in regression:
-            if target[t.name].count == 0:
-                raise RankerError(f"data.train: task {t.name!r} has no labelled rows in column {t.label!r}")
+        featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]))
+        for src in sources:
+            for t in src.tasks:
+                if t.name in target and target[t.name].count == 0:
+                    raise RankerError(f"{src.train.key}: task {t.name!r} has no labelled rows in column {t.label!r}")
         return featurizer, {k: (m.mean, m.std) for k, m in target.items()}
+
+    def evaluate_sources(self, model: MultiTaskRanker, parts: list[tuple[Loader, list[TaskSpec], list[Unit]]]) -> EvalResult:
+        """Each source's tasks on that source's split (a task is measured on its own data only);
+        one result in config task order."""
+        metrics, scores = {}, {}
+        for loader, tasks, units in parts:
+            r = evaluate(model, loader, tasks, self.ranks, units)
+            metrics.update(r.metrics)
+            scores.update(r.scores)
+        order = [t.name for t in self.cfg.tasks if t.name in metrics]
+        return EvalResult({t: metrics[t] for t in order}, {t: scores[t] for t in order})
 
     def fingerprint(self, sources: Iterable[tuple[str, ParquetSource | None]]) -> dict:
         """What a checkpoint must match to be resumed: config (less where output goes and how
@@ -234,11 +257,8 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         device, dtype = ranks.device, PRECISIONS[tc.precision]
         torch.manual_seed(tc.seed)
-        train_src, val_src, test_src = self._sources()
-        featurizer, target_stats = self.fit_featurizer(train_src)
-        for src in (val_src, test_src):
-            if src is not None and src.schema is not None:
-                featurizer.check_compatible(src.schema, str(src.files[0]))
+        sources = task_sources(cfg)
+        featurizer, target_stats = self.fit_featurizer(sources)
 
         model = MultiTaskRanker(cfg.features, cfg.tasks, cfg.model)
         for name, (mean, std) in target_stats.items():
@@ -265,14 +285,24 @@ class Trainer:
         row_groups = tc.sharding == "row_groups"
         local_batch = tc.batch_size // ranks.world if row_groups else tc.batch_size
         pin = device.type == "cuda"
-        train_loader = Loader(train_src, featurizer, cfg.tasks, local_batch, tc.shuffle_buffer, pin=pin)
-        val_loader = Loader(val_src, featurizer, cfg.tasks, EVAL_BATCH, pin=pin)
-        val_units = plan_units(val_src.units, ranks.world)[ranks.rank]
-        if row_groups and len(train_src.units) < ranks.world:
-            raise RankerError(f"data.train: {len(train_src.units)} row groups cannot feed {ranks.world} ranks; "
-                              "write the files with more row groups or use train.sharding: batches")
+        names = [t.name for t in cfg.tasks]
+        own = [[t.name for t in src.tasks] for src in sources]  # the tasks labelled in each source
+        train_loaders = [Loader(src.train, featurizer, src.tasks, local_batch, tc.shuffle_buffer, pin=pin,
+                                unlabelled=[n for n in names if n not in o]) for src, o in zip(sources, own, strict=True)]
+        val_parts = [(Loader(src.val, featurizer, src.tasks, EVAL_BATCH, pin=pin), src.tasks,
+                      plan_units(src.val.units, ranks.world)[ranks.rank]) for src in sources]
+        for src in sources:
+            if row_groups and len(src.train.units) < ranks.world:
+                raise RankerError(f"{src.train.key}: {len(src.train.units)} row groups cannot feed {ranks.world} ranks; "
+                                  "write the files with more row groups or use train.sharding: batches")
+        streams = Streams(sources, train_loaders, tc.seed, ranks.rank, ranks.world, tc.batch_size, row_groups, self.log)
+        rates = sampling_rates([src.train.num_rows for src in sources], tc.task_sampling)
+        if len(sources) > 1:
+            self.log("sources (" + tc.task_sampling.strategy + "): " + ", ".join(
+                f"{src.name} {src.train.num_rows:,} rows -> {r:.1%} of batches ({'/'.join(o)})"
+                for src, r, o in zip(sources, rates, own, strict=True)))
 
-        fingerprint = self.fingerprint([("train", train_src), ("val", val_src), ("test", test_src)])
+        fingerprint = self.fingerprint([(split.key, split) for src in sources for split in src.splits()])
         ranks.check_same("config", fingerprint)
         pg = _Progress()
         if resume:
@@ -293,6 +323,7 @@ class Trainer:
                     torch.cuda.set_rng_state(rng["cuda"], device)
                 pg = _Progress(**ck["progress"])
                 self.log(f"resumed from {ck['path']}: epoch {pg.epoch + 1}, batch {pg.batches}, step {pg.step}")
+        cursor = SourceCursor(**pg.sources) if pg.sources is not None else SourceCursor.start(len(sources))
         tracker = Tracker(tc.log_dir if ranks.is_main else None)
         last_checkpoint = time.monotonic()
 
@@ -301,6 +332,7 @@ class Trainer:
             assert tc.checkpoint is not None
             rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             all_rng = ranks.gather_objects(rng)
+            pg.sources = cursor.state()
             if ranks.is_main:
                 state = {
                     "fingerprint": fingerprint,
@@ -329,19 +361,10 @@ class Trainer:
         while pg.epoch < tc.epochs:
             epoch = pg.epoch
             model.train()
-            seed = tc.seed * 1_000_003 + epoch
-            if row_groups:
-                plan = plan_units(train_src.units, ranks.world, seed=tc.seed, epoch=epoch)
-                rows = [sum(u.rows for u in share) for share in plan]
-                steps = min(-(-r // local_batch) for r in rows)
-                dropped = sum(r - min(r, steps * local_batch) for r in rows)
-                if dropped:
-                    self.log(f"epoch {epoch + 1}: ranks hold {'/'.join(f'{r:,}' for r in rows)} rows; {dropped:,} rows past "
-                             f"the common {steps} steps sit this epoch out (the plan changes every epoch)")
-                batches = train_loader(seed=seed + 7_919 * ranks.rank, units=plan[ranks.rank], skip=pg.batches, limit=steps)
-            else:
-                steps = -(-train_src.num_rows // tc.batch_size)
-                batches = train_loader(seed=seed, part=(ranks.rank, ranks.world), skip=pg.batches)
+            # the epoch: as many steps as one pass over every source, each step's source from a
+            # schedule every rank computes alike (ranker.training.sources)
+            steps = streams.epoch_steps(epoch)
+            order = schedule(rates, steps, tc.seed, epoch)
             probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks)
             if pg.probe is not None:
                 probe.set_state(pg.probe)
@@ -349,15 +372,18 @@ class Trainer:
                        desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not (self.progress and ranks.is_main), file=sys.stderr,
                        leave=False)
             t0, probe_seconds = time.perf_counter(), 0.0
-            for i, batch in enumerate(batches, start=pg.batches):
+            for i in range(pg.batches, steps):
+                s = int(order[i])
+                batch = streams.next(s, cursor, epoch)
                 # one small all-reduce a step: rows, the checkpoint decision, labelled rows per task
                 local = [float(len(batch["cat"])), float(checkpoint_due())]
                 local += [float((~torch.isnan(batch[f"label:{t}"])).sum()) for t in loss_tasks]
                 counts = ranks.sum(torch.tensor(local, dtype=torch.float64)).tolist()
                 batch = to_device(batch, device)
                 with autocast:
-                    raw = model(batch)
-                    losses = task_losses(model, self.loss_types, raw, batch, dict(zip(loss_tasks, counts[2:], strict=True)))
+                    raw = model(batch, own[s])  # the source's tasks only: the others have no label here
+                    types = {t: ty for t, ty in self.loss_types.items() if t in own[s]}
+                    losses = task_losses(model, types, raw, batch, dict(zip(loss_tasks, counts[2:], strict=True)))
                 pg.batches = i + 1
                 if losses:
                     values = dict(zip(losses, ranks.sum(torch.stack([v.detach() for v in losses.values()])).tolist(), strict=True))
@@ -396,16 +422,20 @@ class Trainer:
                     t0, probe_seconds = time.perf_counter(), 0.0
             pg.seconds += time.perf_counter() - t0 - probe_seconds
             bar.close()
-            val = evaluate(model, val_loader, cfg.tasks, ranks, val_units)
+            val = self.evaluate_sources(model, val_parts)
             score = monitor_value(tc.monitor, val.metrics, self.task_types)
             diag = probe.summary()
             record = {"epoch": epoch + 1, "train_loss": dict(pg.ema), "val": val.metrics, "monitor": score,
-                      "weights": {t: s / n for t, (s, n) in pg.weights.items()}, "diagnostics": diag}
+                      "weights": {t: s / n for t, (s, n) in pg.weights.items()}, "diagnostics": diag,
+                      "sources": {src.name: {"batches": int(n), "pass": cursor.passes[k] + 1, "rate": float(rates[k])}
+                                  for k, (src, n) in enumerate(zip(sources, np.bincount(order, minlength=len(sources)), strict=True))}}
             pg.history.append(record)
             tracker.epoch(pg.step, record, pg.rows / max(pg.seconds, 1e-9))
             self.log(f"epoch {epoch + 1}: " + _fmt(val.metrics) + f" | monitor {score:.5f}")
             if diag["batches"]:
                 self.log(f"  diagnostics: {format_diagnostics(diag)}")
+            if len(sources) > 1:
+                self.log(f"  {steps} steps: " + ", ".join(f"{k} {v['batches']} batches (in pass {v['pass']})" for k, v in record["sources"].items()))
             stop = False
             if score > pg.best:
                 pg.best, pg.best_epoch, pg.bad_epochs = score, epoch + 1, 0
@@ -431,11 +461,11 @@ class Trainer:
         if pg.best_val is not None:
             val = EvalResult(pg.best_val["metrics"], {t: s.numpy() for t, s in pg.best_val["scores"].items()})
         else:
-            val = evaluate(model, val_loader, cfg.tasks, ranks, val_units)
-        test = {}
-        if test_src is not None:
-            test_units = plan_units(test_src.units, ranks.world)[ranks.rank]
-            test = evaluate(model, Loader(test_src, featurizer, cfg.tasks, EVAL_BATCH, pin=pin), cfg.tasks, ranks, test_units).metrics
+            val = self.evaluate_sources(model, val_parts)
+        streams.close()
+        test_parts = [(Loader(src.test, featurizer, src.tasks, EVAL_BATCH, pin=pin), src.tasks,
+                       plan_units(src.test.units, ranks.world)[ranks.rank]) for src in sources if src.test is not None]
+        test = self.evaluate_sources(model, test_parts).metrics if test_parts else {}
         reference = {t: reference_histogram(s) for t, s in val.scores.items()}
         metrics = {
             "val": val.metrics,

@@ -1,0 +1,218 @@
+"""Multi-source training: tasks reading their own logs, the task sampler, per-task validation,
+two ranks and exact resume over several sources."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ranker.config import TaskSampling, load_config, parse_config
+from ranker.errors import RankerError
+from ranker.training.checkpoint import checkpoints, load_latest
+from ranker.training.sources import SAMPLERS, quotas, sampling_rates, schedule, task_sources
+from tests.datagen import CONFIG, write_logs
+from tests.test_distributed import (
+    SMALL,
+    _cli,
+    _env,
+    _kill_after_checkpoint,
+    _torchrun,
+    _train,
+    _weights,
+)
+
+
+# ----- the sampler ---------------------------------------------------------------------------------
+def test_rates_follow_each_strategy_formula() -> None:
+    rows = np.array([80_000, 15_000, 5_000])
+    assert set(SAMPLERS) == {"proportional", "uniform", "temperature"}
+    assert sampling_rates(rows, TaskSampling()) == pytest.approx(rows / rows.sum())
+    assert sampling_rates(rows, TaskSampling(strategy="uniform")) == pytest.approx([1 / 3] * 3)
+    for t in (1.0, 2.0, 8.0):
+        want = rows ** (1 / t) / (rows ** (1 / t)).sum()
+        assert sampling_rates(rows, TaskSampling(strategy="temperature", temperature=t)) == pytest.approx(want, rel=1e-12)
+    hot = sampling_rates(rows, TaskSampling(strategy="temperature", temperature=1e6))  # T -> inf: uniform
+    assert hot == pytest.approx([1 / 3] * 3, rel=1e-4)
+    huge = sampling_rates([10**15, 10**3], TaskSampling(strategy="temperature", temperature=3.0))  # no overflow
+    assert huge == pytest.approx([1e5 / (1e5 + 10), 10 / (1e5 + 10)])
+
+
+def test_quotas_and_schedule() -> None:
+    rates = np.array([0.62, 0.27, 0.11])
+    q = quotas(rates, 100)
+    assert q.tolist() == [62, 27, 11] and quotas(rates, 7).sum() == 7
+    assert quotas(np.array([0.5, 0.5]), 3).tolist() == [2, 1]  # tie to the lower index
+    a = schedule(rates, 100, seed=3, epoch=0)
+    assert np.bincount(a, minlength=3).tolist() == [62, 27, 11]  # exactly the quotas per epoch
+    assert np.array_equal(a, schedule(rates, 100, seed=3, epoch=0))  # every rank alike
+    assert not np.array_equal(a, schedule(rates, 100, seed=3, epoch=1))  # reshuffled per epoch
+    assert not np.array_equal(a, np.sort(a))  # interleaved, not source after source
+    assert schedule(np.array([1.0]), 5, seed=3, epoch=0).tolist() == [0] * 5
+
+
+def test_sampling_config_errors_name_the_key(tmp_path: Path) -> None:
+    base = {"data": {"train": "t", "val": "v"}, **CONFIG}
+    for sampling, msg in [({"strategy": "nope"}, "train.task_sampling.strategy: unknown strategy 'nope'"),
+                          ({"strategy": "temperature"}, "train.task_sampling: temperature"),
+                          ({"temperature": 2.0}, "train.task_sampling: temperature"),
+                          ({"strategy": "temperature", "temperature": 0}, "train.task_sampling.temperature")]:
+        raw = {**base, "train": {**base["train"], "task_sampling": sampling}}
+        with pytest.raises(RankerError, match=msg.replace("[", r"\[").replace(".", r"\.")):
+            parse_config(raw, "c.yaml")
+    tasks = [{"name": "ctr", "type": "binary", "label": "click"},
+             {"name": "cvr", "type": "binary", "label": "conversion", "data": {"train": "conv", "val": "conv_val"}},
+             {"name": "ctcvr", "type": "binary", "product": ["ctr", "cvr"]}]
+    with pytest.raises(RankerError, match="product factors ctr, cvr read different data"):
+        parse_config({**base, "tasks": tasks}, "c.yaml")
+
+
+# ----- two sources on the tiny logs ------------------------------------------------------------------
+def split_logs(root: Path, rows: int = 3000, conv_val_share: float = 1.0) -> Path:
+    """The tiny logs cut into a click log (no conversion column) and a conversion log (clicked
+    rows only, no click column); cvr reads the latter. Returns the config path."""
+    write_logs(root, rows=rows)
+    for split in ("train", "val", "test"):
+        (root / "clicks" / split).mkdir(parents=True)
+        (root / "conv" / split).mkdir(parents=True)
+        for f in sorted((root / split).glob("*.parquet")):
+            t = pq.read_table(f)
+            pq.write_table(t.drop_columns(["conversion"]), root / "clicks" / split / f.name, row_group_size=300)
+            conv = t.filter(pc.equal(t["click"], 1)).drop_columns(["click"])
+            if split == "val":
+                conv = conv.slice(0, int(conv.num_rows * conv_val_share))
+            pq.write_table(conv, root / "conv" / split / f.name, row_group_size=100)
+    raw = yaml.safe_load((root / "config.yaml").read_text())
+    raw["data"] = {"train": "clicks/train", "val": "clicks/val", "test": "clicks/test"}
+    for t in raw["tasks"]:
+        if t["name"] == "cvr":
+            t.pop("mask")  # the conversion log holds clicked rows only
+            t["data"] = {"train": "conv/train", "val": "conv/val", "test": "conv/test"}
+    raw["train"] = {**raw["train"], "threads": 1, "diagnostics_batches": 2, "epochs": 2}
+    raw["model"] = {**raw["model"], **SMALL}
+    path = root / "multi.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _with(cfg: Path, name: str, **train: object) -> Path:
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"] = {**raw["train"], **train}
+    out = cfg.with_name(name)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+
+
+def test_each_task_trains_and_is_validated_on_its_own_source(tmp_path: Path) -> None:
+    cfg_path = split_logs(tmp_path, conv_val_share=0.5)
+    cfg = load_config(cfg_path)
+    srcs = task_sources(cfg)
+    assert [(s.name, [t.name for t in s.tasks]) for s in srcs] == [("data", ["ctr", "watch"]), ("tasks[cvr].data", ["cvr"])]
+    metrics = _train(cfg_path, tmp_path / "b")
+    # cvr: measured on its own (half) val log, ctr and watch on the click log
+    assert metrics["val"]["cvr"]["count"] == _rows(tmp_path / "conv" / "val")
+    assert metrics["val"]["ctr"]["count"] == _rows(tmp_path / "clicks" / "val") == 750
+    assert metrics["test"]["cvr"]["count"] == _rows(tmp_path / "conv" / "test")
+    assert list(metrics["val"]) == ["ctr", "cvr", "watch"]
+    assert metrics["val"]["ctr"]["auc"] > 0.6 and metrics["val"]["cvr"]["auc"] > 0.55
+    # the epoch: one pass over both sources' batches, split by the proportional rates
+    n_click, n_conv = _rows(tmp_path / "clicks" / "train"), _rows(tmp_path / "conv" / "train")
+    steps = -(-n_click // 256) + -(-n_conv // 256)
+    for h in metrics["history"]:
+        got = h["sources"]
+        assert got["data"]["batches"] + got["tasks[cvr].data"]["batches"] == steps
+        assert got["tasks[cvr].data"]["batches"] == quotas(np.array([n_click, n_conv]) / (n_click + n_conv), steps)[1]
+        assert got["tasks[cvr].data"]["rate"] == pytest.approx(n_conv / (n_click + n_conv))
+
+
+def test_a_feature_column_missing_in_one_source_is_a_one_line_error(tmp_path: Path) -> None:
+    cfg_path = split_logs(tmp_path)
+    bad = tmp_path / "conv" / "train" / "part-1.parquet"
+    pq.write_table(pq.read_table(bad).drop_columns(["price"]), bad)
+    with pytest.raises(RankerError, match=r"conv/train/part-1\.parquet: missing column 'price' \(tasks\[cvr\]\.data\.train\)"):
+        _train(cfg_path, tmp_path / "b")
+    run = subprocess.run([sys.executable, "-m", "ranker", "train", "--config", str(cfg_path), "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "part-1.parquet: missing column 'price'" in lines[0]
+
+
+def test_two_ranks_train_on_two_sources(tmp_path: Path) -> None:
+    cfg = _with(split_logs(tmp_path), "temp.yaml", task_sampling={"strategy": "temperature", "temperature": 2.0})
+    run = _torchrun(cfg, tmp_path / "two", "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(run.stdout)
+    assert two["throughput"]["ranks"] == 2
+    assert two["val"]["ctr"]["count"] == 750 and two["val"]["cvr"]["count"] == _rows(tmp_path / "conv" / "val")
+    assert two["val"]["ctr"]["auc"] > 0.6
+    # temperature 2 oversamples the small conversion log: more than its share of rows
+    conv = two["history"][0]["sources"]["tasks[cvr].data"]
+    n_click, n_conv = _rows(tmp_path / "clicks" / "train"), _rows(tmp_path / "conv" / "train")
+    assert conv["rate"] == pytest.approx(n_conv**0.5 / (n_conv**0.5 + n_click**0.5)) and conv["rate"] > n_conv / (n_conv + n_click)
+
+
+def test_sigkill_and_resume_over_two_sources_give_byte_identical_weights(tmp_path: Path) -> None:
+    """Uniform rates: the conversion log wraps into new passes mid-epoch and the click log
+    carries unfinished passes over epoch boundaries, so the cursor of every source and the
+    schedule position must all come back."""
+    ck = tmp_path / "ck"
+    base = split_logs(tmp_path)
+    raw = yaml.safe_load(base.read_text())
+    raw["model"]["dropout"] = 0.2
+    raw["train"] = {**raw["train"], "epochs": 3, "batch_size": 64, "weighting": "famo", "task_sampling": {"strategy": "uniform"}}
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw["train"]["checkpoint"] = {"dir": str(ck), "every_steps": 11, "keep": 2}
+    cfg = tmp_path / "ck.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    reference = _train(plain, tmp_path / "ref")
+    passes = [h["sources"]["tasks[cvr].data"]["pass"] for h in reference["history"]]
+    assert passes[-1] > len(passes)  # the small source went round more often than the epochs
+
+    proc = _cli(cfg, tmp_path / "b")
+    _kill_after_checkpoint(proc, ck, 1)
+    state = load_latest(ck)
+    assert state is not None and set(state["progress"]["sources"]) == {"passes", "batches"}
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    _kill_after_checkpoint(proc, ck, 2)
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    newest = load_latest(ck)
+    _kill_when_newer(proc, ck, newest["progress"]["step"] if newest else 0)
+    proc = _cli(cfg, tmp_path / "b", "--resume")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), "resumed weights differ from the uninterrupted run"
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["val"] == reference["val"] and metrics["history"][-1]["sources"] == reference["history"][-1]["sources"]
+
+
+def _kill_when_newer(proc: subprocess.Popen, folder: Path, step: int) -> None:
+    """SIGKILL once a checkpoint past ``step`` exists (a third interruption, later in the run)."""
+    from tests.test_distributed import _kill_when
+
+    def ready() -> bool:
+        return any(int(p.name[5:17]) > step + 30 for p in checkpoints(folder))
+
+    _kill_when(proc, ready)
+
+
+def test_audit_reads_each_task_from_its_own_source(tmp_path: Path) -> None:
+    from ranker.audit import audit
+
+    cfg_path = split_logs(tmp_path)  # the click log has no conversion column: cvr is audited on its own log
+    labels = {f.task: f.message for f in audit(load_config(cfg_path)) if f.kind == "labels" and f.severity == "info"}
+    n = _rows(tmp_path / "conv" / "train")
+    assert f"train: {n:,} labelled of {n:,}" in labels["cvr"]
+    assert f"train: {_rows(tmp_path / 'clicks' / 'train'):,} labelled of" in labels["ctr"]
