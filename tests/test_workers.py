@@ -64,6 +64,8 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
         (served,) = score_pids(mdir)
         workers = live_gauge_pids(mdir)
         assert len(workers) == 2 and served in workers
+        # a request is counted just after its last byte is sent: let the 30th land before the kill
+        wait_for(lambda: value(scrape(url), "ranker_requests_total", status="2xx") == 30)
         os.kill(served, signal.SIGKILL)  # the supervisor starts a new worker
         wait_for(lambda: live_gauge_pids(mdir) - workers)
         with httpx.Client(base_url=url, timeout=30) as c:  # a new connection: a live worker
