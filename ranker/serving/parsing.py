@@ -164,7 +164,7 @@ class RequestParser:
     def __init__(self, featurizer: Featurizer, max_items: int) -> None:
         self.max_items = max_items
         cols: dict[str, Column] = {}
-        for f in featurizer.features:
+        for f in featurizer.inputs:  # bias-tower features are training-only: not read
             c = Column(f.source, f.type, featurizer.kinds.get(f.name))
             if cols.setdefault(f.source, c) != c:
                 raise RankerError(f"features {f.name!r}: column {f.source!r} is read by two features of different types")

@@ -137,7 +137,8 @@ class LoadedModel:
         t0 = time.perf_counter()
         table = self.parser.parse(body)  # (n, one column per feature source)
         t1 = time.perf_counter()
-        batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
+        # bias=False: bias-tower features are training-only; a request never needs them
+        batch = self.bundle.featurizer.transform(table, bias=False)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
         if self.device.type != "cpu":
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         t2 = time.perf_counter()
@@ -173,7 +174,7 @@ class LoadedModel:
             tasks=[TaskInfo(name=t.name, type=t.type, transform=t.transform) for t in b.config.tasks],
             features=[
                 FeatureInfo(name=f.name, type=f.type, column=f.source, kind=b.featurizer.kinds.get(f.name))
-                for f in b.config.features
+                for f in b.featurizer.inputs
             ],
             metrics=b.metrics,
         )

@@ -128,7 +128,7 @@ class Trainer:
                     target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
                 yield rb
 
-        featurizer = Featurizer.fit(self.cfg.features, train.schema, tapped(), str(train.files[0]))
+        featurizer = Featurizer.fit(self.cfg.features, train.schema, tapped(), str(train.files[0]), bias=self.cfg.bias_feature_names)
         for t in regression:
             if target[t.name].count == 0:
                 raise RankerError(f"data.train: task {t.name!r} has no labelled rows in column {t.label!r}")
