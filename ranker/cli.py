@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_synth(a: argparse.Namespace) -> None:
     from ranker.training.synth import write_synthetic
 
-    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet)
+    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet,
+                           position_bias=a.position_bias)
     print(f"wrote {a.rows:,} rows of synthetic logs and their config to {path}")
 
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=200_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--task-correlation", type=float, default=0.5, help="cosine between task weight vectors")
+    s.add_argument("--position-bias", action="store_true",
+                   help="add a position column from a biased old ranking (test split: unbiased clicks)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
 
