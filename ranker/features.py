@@ -93,6 +93,8 @@ def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) 
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     if kind == "int":
+        if pa.types.is_boolean(arr.type):  # hashed as 0/1 (fill_null(bool, 0) would not cast)
+            arr = pc.cast(arr, pa.int64())
         vals = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         out = bucketize(hash_int64(vals), buckets)
     else:
