@@ -203,6 +203,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="0", help="comma-separated model seeds (the split stays --seed)")
     ap.add_argument("--gbdt", action="store_true", help="also the tuned HistGradientBoosting per task")
     ap.add_argument("--tag", default=None, help="name of this run in results (default: derived)")
+    ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy machine)")
     args = ap.parse_args()
 
     from ranker.config import parse_config
@@ -236,16 +238,20 @@ def main() -> int:
     runs = [(arch, int(seed)) for arch in archs for seed in args.seeds.split(",")]
     for arch, seed in runs:
         model = base.model.model_copy(update={"architecture": arch})
-        train = base.train.model_copy(update={"seed": seed, "progress": False, **({"epochs": args.epochs} if args.epochs else {})})
+        over = {"epochs": args.epochs, "patience": args.patience, "threads": args.threads}
+        train = base.train.model_copy(update={"seed": seed, "progress": False, "diagnostics_batches": 0,
+                                              **{k: v for k, v in over.items() if v}})
         cfg = base.model_copy(update={"model": model, "train": train})
         t0 = time.perf_counter()
         res = Trainer(cfg, progress=False, log=lambda s: print("   ", s, file=sys.stderr)).run(out / "bundles" / f"{tag}-{arch}-{seed}")
         m = res.metrics
+        name = {t.label: t.name for t in cfg.tasks}  # init names the marital task after its label
+        inc, mar = name["income"], name["never_married"]
         results[f"{arch}/{seed}"] = {
-            "test_auc_income": m["test"]["income"]["auc"],
-            "test_auc_marital": m["test"]["marital"]["auc"],
-            "val_auc_income": m["val"]["income"]["auc"],
-            "val_auc_marital": m["val"]["marital"]["auc"],
+            "test_auc_income": m["test"][inc]["auc"],
+            "test_auc_marital": m["test"][mar]["auc"],
+            "val_auc_income": m["val"][inc]["auc"],
+            "val_auc_marital": m["val"][mar]["auc"],
             "best_epoch": m["best_epoch"],
             "train_rows_per_second": m["throughput"]["train_rows_per_second"],
             "wall_seconds": time.perf_counter() - t0,
