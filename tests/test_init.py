@@ -14,7 +14,8 @@ import yaml
 
 from ranker.cli import main
 from ranker.config import load_config
-from ranker.init_config import _buckets, _dim
+from ranker.features import _hash_array
+from ranker.init_config import _buckets, _collision_free_buckets, _dim
 
 
 def _table(n: int, seed: int) -> pa.Table:
@@ -61,7 +62,9 @@ def test_init_writes_a_config_that_trains(data: Path, tmp_path: Path, capsys: py
     assert paths == {k: (data / k).resolve() for k in paths}  # val/ and test/ found beside train/
     feats = {f.name: f for f in cfg.features}
     assert set(feats) == {"city", "premium", "age", "code", "code_cat", "income", "tags"}
-    assert feats["city"].type == "categorical" and feats["city"].buckets == _buckets(40) == 1024 and feats["city"].dim == _dim(40)
+    assert feats["city"].type == "categorical" and 1024 <= feats["city"].buckets < 1024 + 256 and feats["city"].dim == _dim(40) == 16
+    cities = pa.array(sorted({c for c in pq.read_table(data / "train").column("city").to_pylist() if c}))
+    assert len(set(_hash_array(cities, "str", feats["city"].buckets).tolist())) == len(cities)  # no two cities merged
     assert feats["premium"].type == "categorical" and feats["tags"].type == "multi_hot"
     assert feats["age"].type == "dense" and feats["age"].encoding == "piecewise_linear"  # 72 values: no code twin
     assert feats["code"].type == "dense" and feats["code_cat"].column == "code" and feats["code_cat"].type == "categorical"
@@ -127,3 +130,13 @@ def test_init_refuses_to_overwrite_without_force_and_missing_data(data: Path, tm
     assert "--data: no Parquet files found" in capsys.readouterr().err
     assert main(["init", "--data", str(data / "train"), "--out", str(tmp_path / "d.yaml")]) == 2  # --label is required
     assert "the following arguments are required: --label" in capsys.readouterr().err
+
+
+def test_bucket_rule_avoids_collisions_in_small_vocabularies() -> None:
+    assert _buckets(3) == 1024 and _buckets(200) == 20_000 and _buckets(1000) == 16_000 and _buckets(10**7) == 2**18
+    values = pa.array([f"v{i}" for i in range(200)])  # at 3,200 buckets (16 d) ~6 pairs would collide
+    assert len(set(_hash_array(values, "str", 16 * 200).tolist())) < 200
+    b = _collision_free_buckets(values, "str")
+    assert 20_000 <= b < 20_000 + 256 and len(set(_hash_array(values, "str", b).tolist())) == 200
+    ids = pa.array(range(30_000))
+    assert _collision_free_buckets(ids, "int") == _buckets(30_000)  # large vocabularies: no search
