@@ -66,13 +66,14 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "position_bias"))
     args = ap.parse_args()
     out = Path(args.out)
     cfg_path = write_synthetic(out / "data", rows=args.rows, seed=0, position_bias=True)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["data"] = {k: str(out / "data" / v) for k, v in raw["data"].items()}
-    raw["train"].update(epochs=args.epochs, progress=False)
+    raw["train"].update(epochs=args.epochs, progress=False, threads=args.threads, diagnostics_batches=0)
     test_clicks = pq.read_table(out / "data" / "test", columns=["click"]).column("click").to_numpy()
     print(f"{args.rows:,} rows; test clicks are unbiased relevance (rate {test_clicks.mean():.3f})")
     results: dict[str, list[dict]] = {}

@@ -118,7 +118,7 @@ def init_config(out: Path) -> dict:
     return raw
 
 
-def gbdt(out: Path, seed: int = 0) -> dict[str, dict]:
+def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1)) -> dict[str, dict]:
     """Single-task HistGradientBoosting per task, grid chosen on val AUC; test AUC of the best."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
@@ -142,7 +142,7 @@ def gbdt(out: Path, seed: int = 0) -> dict[str, dict]:
     for task, label in (("income", "income"), ("marital", "never_married")):
         y = {s: t.column(label).to_numpy() for s, t in tables.items()}
         best = None
-        for lr in (0.05, 0.1):
+        for lr in rates:
             for leaves in (15, 31, 63):
                 for l2 in (0.0, 1.0):
                     clf = HistGradientBoostingClassifier(
@@ -202,6 +202,7 @@ def main() -> int:
     ap.add_argument("--cross-rank", type=int, default=None)
     ap.add_argument("--seeds", default="0", help="comma-separated model seeds (the split stays --seed)")
     ap.add_argument("--gbdt", action="store_true", help="also the tuned HistGradientBoosting per task")
+    ap.add_argument("--gbdt-rates", default="0.05,0.1", help="learning rates of the GBDT grid")
     ap.add_argument("--tag", default=None, help="name of this run in results (default: derived)")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy machine)")
@@ -233,7 +234,7 @@ def main() -> int:
                                           f"rank{args.cross_rank}" if args.cross_rank else None) if x)
     results: dict = {}
     if args.gbdt:
-        results["gbdt"] = gbdt(out)
+        results["gbdt"] = gbdt(out, rates=tuple(float(r) for r in args.gbdt_rates.split(",")))
     archs = [a for a in args.architectures.split(",") if a]
     runs = [(arch, int(seed)) for arch in archs for seed in args.seeds.split(",")]
     for arch, seed in runs:
