@@ -66,11 +66,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
 
     b = load_bundle(a.bundle)
-    cols = b.featurizer.columns + label_columns(b.config.tasks)
+    featurizer = b.featurizer.without_bias()  # scores are bias-free: position columns not needed
+    cols = featurizer.columns + label_columns(b.config.tasks)
     src = ParquetSource(a.data, "--data", cols)
     assert src.schema is not None
-    b.featurizer.check_compatible(src.schema, str(src.files[0]))
-    res = evaluate(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
+    featurizer.check_compatible(src.schema, str(src.files[0]))
+    res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
     if a.json:
         print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics}, indent=2))
     else:

@@ -189,6 +189,16 @@ class Featurizer:
     def bias_features(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.name in self.bias]
 
+    def without_bias(self) -> Featurizer:
+        """The same featurizer minus the bias features: what scoring needs (no ``bias:*`` keys,
+        and their columns are neither read nor checked)."""
+        if not self.bias:
+            return self
+        keep = {f.name for f in self.inputs}
+        return Featurizer(self.inputs, {k: v for k, v in self.kinds.items() if k in keep},
+                          {k: v for k, v in self.dense_stats.items() if k in keep},
+                          {k: v for k, v in self.edges.items() if k in keep}, [])
+
     @property
     def categorical(self) -> list[FeatureSpec]:
         return [f for f in self.inputs if f.type == "categorical"]

@@ -134,6 +134,12 @@ def test_trained_bundle_serves_without_position_and_matches_the_position_free_mo
         info = client.get("/model").json()
         assert "position" not in [f["name"] for f in info["features"]]
         assert registry.get_sample_value("ranker_feature_missing_total", {"feature": "position"}) is None
+    # offline evaluation needs no position column either
+    test = pq.read_table(cfg_path.parent / "test").drop(["position"])
+    pq.write_table(test, tmp_path / "no_position.parquet")
+    from ranker.cli import main
+
+    assert main(["evaluate", "--bundle", str(out), "--data", str(tmp_path / "no_position.parquet"), "--json"]) == 0
 
 
 def test_synth_position_bias_columns_and_unbiased_test_split(tmp_path: Path) -> None:
