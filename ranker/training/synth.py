@@ -25,16 +25,16 @@ Zipf-skewed (a few heavy hitters and a long tail); about 10% of ids lie above 2*
 pass through float64 shows up as a changed id.
 
 Position bias (``position_bias=True``, ``ranker synth --position-bias``): an old ranker shows
-each impression at a ``position`` 1..10 from its own score, o = 0.5 s_ctr + item promotion +
-noise, where the promotion is a hidden per-item boost unrelated to relevance (the old ranking
-favoured items for business reasons). A user examines position p with probability 1 / p
+each impression at a ``position`` 1..10 from its own score, o = 0.5 s_ctr / sd + 2 promotion +
+0.7 noise, where the promotion is a hidden boost per item category unrelated to relevance (the
+old ranking favoured some categories for business reasons). A user examines position p with probability 1 / p
 (the position-based click model), so in train and val
 
     click = examined * Bernoulli(sigmoid(a_ctr s_ctr + b_ctr))
 
 while the test split is unbiased: its ``click`` is the relevance draw alone, as if every item
 had been examined, so test AUC measures ranking by true relevance. A model that learns clicks
-without knowing position credits promoted items with the clicks their top slots earned; a
+without knowing position credits promoted categories with the clicks their top slots earned; a
 position-bias tower (``tasks[].bias_features: [position]``) takes that part of the logit.
 
 Rows are generated in fixed blocks, each from its own seeded stream, and re-cut into files and
@@ -81,7 +81,7 @@ SCHEMA = pa.schema(
 POSITION_SCHEMA = SCHEMA.append(pa.field("position", pa.int64()))
 TASKS = ("ctr", "cvr", "watch")
 POSITIONS = 10  # slots of the old ranking; examination probability 1 / position
-PROMO_WEIGHT, OLD_RELEVANCE_WEIGHT, OLD_NOISE = 1.0, 0.5, 0.7
+PROMO_WEIGHT, OLD_RELEVANCE_WEIGHT, OLD_NOISE = 2.0, 0.5, 0.7
 SPLITS = ("train", "val", "test")  # 80/10/10
 
 N_USERS = 200_000
@@ -356,10 +356,12 @@ def _hidden_scores(
     return _scores(w, rng, _sample(w, rng, rows)[1])
 
 
-def _item_promotion(seed: int) -> np.ndarray:
-    """(N_ITEMS,) the old ranker's hidden boost per item; its own stream, so the rest of the
-    world (and every default synth output) is unchanged by position bias."""
-    return np.random.default_rng([seed, 7]).standard_normal(N_ITEMS)
+def _item_promotion(w: _World, seed: int) -> np.ndarray:
+    """(N_ITEMS,) the old ranker's hidden boost of each item's category; its own stream, so the
+    rest of the world (and every default synth output) is unchanged by position bias."""
+    per_category = np.random.default_rng([seed, 7]).standard_normal(N_CATEGORIES)
+    category = np.array([int(c[len("cat_"):]) for c in w.item_category.to_pylist()])
+    return per_category[category]
 
 
 def _positions(rng: np.random.Generator, s_ctr: np.ndarray, promo: np.ndarray) -> np.ndarray:
@@ -371,7 +373,7 @@ def _positions(rng: np.random.Generator, s_ctr: np.ndarray, promo: np.ndarray) -
 
 def _blocks(w: _World, seed: int, split: int, n: int, position_bias: bool = False) -> Iterator[pa.Table]:
     """The split's rows in fixed blocks, each from its own stream: layout-independent data."""
-    promo = _item_promotion(seed) if position_bias else None
+    promo = _item_promotion(w, seed) if position_bias else None
     for b, start in enumerate(range(0, n, _BLOCK)):
         rng = np.random.default_rng([seed, 3, split, b])
         features, z, item = _sample(w, rng, min(_BLOCK, n - start))
