@@ -432,7 +432,8 @@ def _write_split(
 def _config(position_bias: bool = False) -> dict:
     cfg = _base_config()
     if position_bias:
-        cfg["features"].append({"name": "position", "type": "categorical", "buckets": 16, "dim": 4})
+        # 1,000 buckets: slots 1..10 land in 10 distinct buckets (at 16 two pairs would merge)
+        cfg["features"].append({"name": "position", "type": "categorical", "buckets": 1000, "dim": 4})
         cfg["tasks"][0]["bias_features"] = ["position"]
     return cfg
 
