@@ -146,6 +146,10 @@ def test_synth_position_bias_columns_and_unbiased_test_split(tmp_path: Path) -> 
     path = write_synthetic(tmp_path / "s", rows=40_000, seed=2, position_bias=True)
     cfg = load_config(path)
     assert cfg.task("ctr").bias_features == ["position"]
+    pos_spec = next(f for f in cfg.features if f.name == "position")
+    from ranker.features import _hash_array
+
+    assert len(set(_hash_array(pa.array(range(1, 11)), "int", pos_spec.buckets).tolist())) == 10  # no slots merged
     rates = {}
     for split in ("train", "test"):
         t = pq.read_table(tmp_path / "s" / split)
