@@ -165,3 +165,12 @@ def test_synth_position_bias_columns_and_unbiased_test_split(tmp_path: Path) -> 
     plain = write_synthetic(tmp_path / "p", rows=1_000, seed=2)
     assert "position" not in pq.read_schema(next((tmp_path / "p" / "train").glob("*.parquet"))).names
     assert all(not t.bias_features for t in load_config(plain).tasks)
+
+
+def test_single_task_baseline_of_compare_does_not_take_another_tasks_position_as_input() -> None:
+    from ranker.training.compare import single_task_config
+
+    raw = {**BASE, "tasks": [*BASE["tasks"], {"name": "cvr", "type": "binary", "label": "conv"}]}
+    cfg = parse_config(raw)
+    assert [f.name for f in single_task_config(cfg, "cvr").features] == ["u", "tags"]
+    assert [f.name for f in single_task_config(cfg, "ctr").features] == ["u", "position", "tags"]
