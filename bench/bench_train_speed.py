@@ -1,7 +1,11 @@
 """Training speed on CPU: MMoE, 8 experts [128, 64], towers [32], embedding dim 16, batch 1024,
 on the census train split — beside the machine's measured fp32 matmul rate.
 
-    python bench/bench_train_speed.py [--epochs 3] [--threads N] [--precision fp32|bf16|fp16] [--device cpu|cuda]
+    python bench/bench_train_speed.py [--epochs 3] [--threads N] [--encoding piecewise_linear] [--precision fp32|bf16|fp16] [--device cpu|cuda]
+
+``--encoding`` puts every dense feature on that encoding (no transform); without it the census
+config's standardisation (log1p for money) is kept, which is what the trainer did before
+numeric encodings existed, so the two runs compare the default encoding with the old path.
 
 Prints:
 - the fp32 GEMM rate on the model's own first-layer shape and on a square 2048 GEMM;
@@ -56,13 +60,15 @@ def forward_macs_per_row(model: MultiTaskRanker) -> int:
     return macs
 
 
-def speed_config(out: Path) -> dict:
+def speed_config(out: Path, encoding: str | None = None) -> dict:
     """The census config with each column once and every embedding 16 wide (the goal's spec)."""
     raw = yaml.safe_load((out / "config.yaml").read_text())
     feats = []
     for f in census.features():
         if f["type"] == "categorical" and f["name"] in census.NUMERIC:
             continue  # numeric columns enter once, as dense
+        if f["type"] == "dense" and encoding:
+            f = {"name": f["name"], "column": f["column"], "type": "dense", "encoding": encoding}
         feats.append({**f, "dim": 16} if f["type"] == "categorical" else f)
     raw["features"] = feats
     raw["data"] = {k: str(out / v) for k, v in raw["data"].items()}
@@ -75,6 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--encoding", default=None, help="every dense feature on this encoding (default: the census standardisation)")
     ap.add_argument("--data", default=str(census.ROOT / "bench" / "out" / "census"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the full trainer runs")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -84,7 +91,7 @@ def main() -> int:
     out = Path(args.data)
     if not (out / "config.yaml").is_file():
         census.prepare(out)
-    raw = speed_config(out)
+    raw = speed_config(out, args.encoding)
     raw["train"].update(epochs=args.epochs, device=args.device, precision=args.precision)
     cfg = parse_config(raw)
 

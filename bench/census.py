@@ -6,10 +6,22 @@ chosen on val and test AUC is reported for Shared-Bottom, MMoE and PLE.
 
     python bench/census.py                      # prepare + train all three, print the table
     python bench/census.py --prepare-only       # just write Parquet + config (used by other benches)
+    python bench/census.py --style plain --seeds 0,1,2 --gbdt   # the plain user config vs tuned trees
+    python bench/census.py --style init --seeds 0,1,2           # the config `ranker init` writes
+    python bench/census.py --style plain --architectures mmoe --encoding periodic --cross-layers 2
 
-Numeric columns that are whole numbers with few distinct values (age, weeks worked, ...) enter
-twice: standardised (log1p for money) and as a categorical, so the model can learn both a trend
-and per-value effects, the way trees split them.
+Styles of config:
+- ``hand`` (the default, the README's first table): numeric columns that are whole numbers with
+  few distinct values (age, weeks worked, ...) enter twice, standardised (log1p for money) and as
+  a categorical, so the model can learn both a trend and per-value effects, the way trees split
+  them.
+- ``plain``: what a user lists without feature engineering: strings and codes as categoricals
+  (1,000 buckets, dim 16), numbers as ``type: dense`` with no transform, so the library's default
+  encoding decides; ``weeks_worked`` is held out of the inputs too (the issue's protocol).
+- ``init``: ``ranker init --data train --label income,never_married --exclude weeks_worked``.
+
+``--gbdt`` adds a single-task HistGradientBoosting per task (scikit-learn, a bench-only
+dependency) whose grid (learning rate, leaves, L2) is chosen on val, on the same split.
 """
 
 from __future__ import annotations
@@ -68,9 +80,89 @@ def features() -> list[dict]:
         if name in DROPPED:
             continue
         if name in NUMERIC:
-            feats.append({"name": f"{name}_num", "column": name, "type": "dense", "transform": "log1p" if name in MONEY else "none"})
+            # standardised, as before numeric encodings existed (log1p for money)
+            feats.append({"name": f"{name}_num", "column": name, "type": "dense", "transform": "log1p" if name in MONEY else "none",
+                          "encoding": "log1p" if name in MONEY else "standard"})
         feats.append({"name": name, "type": "categorical", "buckets": 1000, "dim": 8})
     return feats
+
+
+HELD_OUT = "weeks_worked"  # the plain and init styles hold it out of the inputs (issue 13's protocol)
+LABELS = ("income", "never_married")
+
+
+def plain_features() -> list[dict]:
+    """Columns as a user lists them: strings and codes categorical, numbers plain dense."""
+    feats: list[dict] = []
+    for name in COLUMNS:
+        if name in DROPPED or name == HELD_OUT:
+            continue
+        if name in NUMERIC:
+            feats.append({"name": name, "type": "dense"})
+        else:
+            feats.append({"name": name, "type": "categorical", "buckets": 1000, "dim": 16})
+    return feats
+
+
+def init_config(out: Path) -> dict:
+    """The config ``ranker init`` writes for the census train split."""
+    from ranker.cli import main as cli
+
+    path = out / "config.init.yaml"
+    rc = cli(["init", "--data", str(out / "train"), "--val", str(out / "val"), "--test", str(out / "test"),
+              "--label", ",".join(LABELS), "--exclude", HELD_OUT, "--out", str(path), "--force"])
+    if rc != 0:
+        raise SystemExit(f"ranker init failed ({rc})")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"] = {k: str((out / v).resolve()) if not Path(v).is_absolute() else v for k, v in raw["data"].items()}
+    return raw
+
+
+def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1)) -> dict[str, dict]:
+    """Single-task HistGradientBoosting per task, grid chosen on val AUC; test AUC of the best."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    inputs = [c for c in COLUMNS if c not in DROPPED and c != HELD_OUT]
+    tables = {s: pq.read_table(out / s / "part-0.parquet") for s in ("train", "val", "test")}
+    codes: dict[str, dict] = {}
+    mats: dict[str, np.ndarray] = {}
+    for split, t in tables.items():
+        cols = []
+        for c in inputs:
+            v = t.column(c).to_pylist()
+            if c in NUMERIC:
+                cols.append(np.asarray(v, dtype=np.float64))
+            else:  # ordinal codes from train's values; unseen / missing -> NaN (trees' own missing branch)
+                m = codes.setdefault(c, {x: i for i, x in enumerate(sorted({x for x in tables["train"].column(c).to_pylist() if x is not None}, key=str))})
+                cols.append(np.asarray([m.get(x, np.nan) if x is not None else np.nan for x in v], dtype=np.float64))
+        mats[split] = np.stack(cols, axis=1)
+    is_cat = np.array([c not in NUMERIC for c in inputs])
+    results = {}
+    for task, label in (("income", "income"), ("marital", "never_married")):
+        y = {s: t.column(label).to_numpy() for s, t in tables.items()}
+        best = None
+        for lr in rates:
+            for leaves in (15, 31, 63):
+                for l2 in (0.0, 1.0):
+                    clf = HistGradientBoostingClassifier(
+                        learning_rate=lr, max_leaf_nodes=leaves, l2_regularization=l2, max_iter=600,
+                        early_stopping=False, categorical_features=is_cat, random_state=seed)
+                    clf.fit(mats["train"], y["train"])
+                    # the number of trees is chosen on val too, like the networks' epoch
+                    aucs = [roc_auc_score(y["val"], p[:, 1]) for p in clf.staged_predict_proba(mats["val"])]
+                    k = int(np.argmax(aucs))
+                    if best is None or aucs[k] > best[0]:
+                        best = (aucs[k], clf, k + 1, {"learning_rate": lr, "max_leaf_nodes": leaves, "l2_regularization": l2})
+        assert best is not None
+        val, clf, trees, params = best
+        staged = clf.staged_predict_proba(mats["test"])
+        for _ in range(trees):
+            p_test = next(staged)
+        test = roc_auc_score(y["test"], p_test[:, 1])
+        results[task] = {"val_auc": val, "test_auc": test, "params": params, "trees": trees}
+        print(f"gbdt {task:<8} test AUC {test:.4f} (val {val:.4f}; {params}, {trees} trees)", flush=True)
+    return results
 
 
 def prepare(out: Path, seed: int = 0) -> Path:
@@ -104,9 +196,19 @@ def main() -> int:
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--architectures", default="shared_bottom,mmoe,ple", help="e.g. cross_stitch,shared_bottom+film")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--style", choices=("hand", "plain", "init"), default="hand")
+    ap.add_argument("--encoding", default=None, help="plain style: this encoding on every dense feature")
+    ap.add_argument("--cross-layers", type=int, default=None)
+    ap.add_argument("--cross-rank", type=int, default=None)
+    ap.add_argument("--seeds", default="0", help="comma-separated model seeds (the split stays --seed)")
+    ap.add_argument("--gbdt", action="store_true", help="also the tuned HistGradientBoosting per task")
+    ap.add_argument("--gbdt-rates", default="0.05,0.1", help="learning rates of the GBDT grid")
+    ap.add_argument("--tag", default=None, help="name of this run in results (default: derived)")
+    ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy machine)")
     args = ap.parse_args()
 
-    from ranker.config import load_config
+    from ranker.config import parse_config
     from ranker.training.trainer import Trainer
 
     out = Path(args.out)
@@ -114,32 +216,61 @@ def main() -> int:
     print(f"census Parquet + config: {cfg_path}")
     if args.prepare_only:
         return 0
-    base = load_config(cfg_path)
-    results = {}
-    for arch in args.architectures.split(","):
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["data"] = {k: str(out / v) for k, v in raw["data"].items()}
+    if args.style == "plain":
+        raw["features"] = plain_features()
+    elif args.style == "init":
+        init = init_config(out)
+        raw = {**init, "train": {**init.get("train", {}), **{k: v for k, v in raw["train"].items() if k in ("seed",)}}}
+    if args.encoding:
+        raw["features"] = [{**f, "encoding": args.encoding} if f["type"] == "dense" and "transform" not in f else f for f in raw["features"]]
+    if args.cross_layers is not None:
+        raw["model"] = {**raw.get("model", {}), "cross_layers": args.cross_layers}
+    if args.cross_rank is not None:
+        raw["model"] = {**raw.get("model", {}), "cross_rank": args.cross_rank}
+    base = parse_config(raw, f"census {args.style} config")
+    tag = args.tag or "-".join(x for x in (args.style, args.encoding, f"cross{args.cross_layers}" if args.cross_layers else None,
+                                          f"rank{args.cross_rank}" if args.cross_rank else None) if x)
+    results: dict = {}
+    if args.gbdt:
+        results["gbdt"] = gbdt(out, rates=tuple(float(r) for r in args.gbdt_rates.split(",")))
+    archs = [a for a in args.architectures.split(",") if a]
+    runs = [(arch, int(seed)) for arch in archs for seed in args.seeds.split(",")]
+    for arch, seed in runs:
         name, _, option = arch.partition("+")  # "shared_bottom+film": the trunk with FiLM on it
         if option not in ("", "film"):
             ap.error(f"--architectures: unknown option {option!r} in {arch!r} (only +film)")
         model = base.model.model_copy(update={"architecture": name, "film": option == "film"})
-        train = base.train if args.epochs is None else base.train.model_copy(update={"epochs": args.epochs})
+        over = {"epochs": args.epochs, "patience": args.patience, "threads": args.threads}
+        train = base.train.model_copy(update={"seed": seed, "progress": False, "diagnostics_batches": 0,
+                                              **{k: v for k, v in over.items() if v}})
         cfg = base.model_copy(update={"model": model, "train": train})
         t0 = time.perf_counter()
-        res = Trainer(cfg, progress=False, log=lambda s: print("   ", s, file=sys.stderr)).run(out / "bundles" / arch)
+        res = Trainer(cfg, progress=False, log=lambda s: print("   ", s, file=sys.stderr)).run(out / "bundles" / f"{tag}-{arch}-{seed}")
         m = res.metrics
-        results[arch] = {
-            "test_auc_income": m["test"]["income"]["auc"],
-            "test_auc_marital": m["test"]["marital"]["auc"],
-            "val_auc_income": m["val"]["income"]["auc"],
-            "val_auc_marital": m["val"]["marital"]["auc"],
+        name = {t.label: t.name for t in cfg.tasks}  # init names the marital task after its label
+        inc, mar = name["income"], name["never_married"]
+        results[f"{arch}/{seed}"] = {
+            "test_auc_income": m["test"][inc]["auc"],
+            "test_auc_marital": m["test"][mar]["auc"],
+            "val_auc_income": m["val"][inc]["auc"],
+            "val_auc_marital": m["val"][mar]["auc"],
             "best_epoch": m["best_epoch"],
             "train_rows_per_second": m["throughput"]["train_rows_per_second"],
             "wall_seconds": time.perf_counter() - t0,
         }
-        r = results[arch]
-        print(f"{arch:<14} test AUC income {r['test_auc_income']:.4f}  marital {r['test_auc_marital']:.4f}  "
+        r = results[f"{arch}/{seed}"]
+        print(f"{tag} {arch:<14} seed {seed} test AUC income {r['test_auc_income']:.4f}  marital {r['test_auc_marital']:.4f}  "
               f"(val {r['val_auc_income']:.4f}/{r['val_auc_marital']:.4f}, epoch {r['best_epoch']}, "
               f"{r['train_rows_per_second']:,.0f} rows/s, {r['wall_seconds']:.0f}s)", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    for arch in archs:
+        runs = [v for k, v in results.items() if k.startswith(f"{arch}/")]
+        inc = np.array([r["test_auc_income"] for r in runs])
+        mar = np.array([r["test_auc_marital"] for r in runs])
+        print(f"{tag} {arch:<14} mean ± std over {len(runs)} seeds: income {inc.mean():.4f} ± {inc.std(ddof=1) if len(runs) > 1 else 0:.4f}"
+              f"  marital {mar.mean():.4f} ± {mar.std(ddof=1) if len(runs) > 1 else 0:.4f}", flush=True)
+    (out / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -134,6 +134,23 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
+def _pre_encoding_compat(manifest: dict) -> object:
+    """A bundle written before numeric encodings (no fitted ``edges``) standardised every dense
+    feature: pin those features' encoding so today's default does not reinterpret its weights."""
+    raw, state = manifest["config"], manifest["featurizer"]
+    if not isinstance(raw, dict) or not isinstance(state, dict) or "edges" in state:
+        return raw
+    feats = raw.get("features")
+    if not isinstance(feats, list):
+        return raw
+    pinned = [
+        {**f, "encoding": "log1p" if f.get("transform") == "log1p" else "standard"}
+        if isinstance(f, dict) and f.get("type") == "dense" and f.get("encoding") is None else f
+        for f in feats
+    ]
+    return {**raw, "features": pinned}
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load and check a bundle; any defect is a RankerError naming the file at fault."""
     p = Path(path)
@@ -146,7 +163,7 @@ def load_bundle(path: str | Path) -> Bundle:
             raise RankerError(f"{p / MANIFEST}: missing key {key!r}")
     if manifest["format"] != FORMAT:
         raise RankerError(f"{p / MANIFEST}: format {manifest['format']!r} is not supported (expected {FORMAT})")
-    config = parse_config(manifest["config"], f"{p / MANIFEST}: config")
+    config = parse_config(_pre_encoding_compat(manifest), f"{p / MANIFEST}: config")
     try:
         featurizer = Featurizer.from_state(config.features, manifest["featurizer"])
     except (KeyError, TypeError, ValueError, IndexError) as e:

@@ -1,4 +1,4 @@
-"""ranker command line: synth | train | evaluate | serve | compare.
+"""ranker command line: init | synth | train | evaluate | serve | compare.
 
 User errors print one line ("ranker: error: ...") and exit 2, with no traceback.
 """
@@ -22,8 +22,24 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_synth(a: argparse.Namespace) -> None:
     from ranker.training.synth import write_synthetic
 
-    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet)
+    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet,
+                           position_bias=a.position_bias)
     print(f"wrote {a.rows:,} rows of synthetic logs and their config to {path}")
+
+
+def _cmd_init(a: argparse.Namespace) -> None:
+    from ranker.init_config import infer_config, write_init_config
+
+    labels = [c.strip() for c in a.label.split(",") if c.strip()]
+    exclude = [c.strip() for c in (a.exclude or "").split(",") if c.strip()]
+    if a.sample_rows < 1:
+        raise RankerError(f"--sample-rows: must be at least 1, got {a.sample_rows}")
+    cfg, header = infer_config(a.data, labels, a.out, val=a.val, test=a.test, exclude=exclude, sample_rows=a.sample_rows)
+    path = write_init_config(a.out, cfg, header, force=a.force)
+    for line in header[1:]:
+        if "WARNING" in line:
+            print(f"ranker: {line.strip()}", file=sys.stderr)
+    print(f"wrote {path} ({len(cfg['features'])} features, {len(cfg['tasks'])} tasks); train with: ranker train --config {path} --out bundle")
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -54,13 +70,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
 
     b = load_bundle(a.bundle)
-    cols = b.featurizer.columns + label_columns(b.config.tasks)
+    featurizer = b.featurizer.without_bias()  # scores are bias-free: position columns not needed
+    cols = featurizer.columns + label_columns(b.config.tasks)
     src = ParquetSource(a.data, "--data", cols)
     assert src.schema is not None
-    b.featurizer.check_compatible(src.schema, str(src.files[0]))
-    res = evaluate(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
+    featurizer.check_compatible(src.schema, str(src.files[0]))
+    res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
     # a second pass, in bounded memory: the figures the production feedback rules compute
-    mon = monitoring_figures(b.model, Loader(src, b.featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, b.reference)
+    mon = monitoring_figures(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, b.reference)
     if a.json:
         print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon}, indent=2))
     else:
@@ -119,11 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ranker", description="Multi-task recommendation ranking: train, evaluate, serve.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    i = sub.add_parser("init", help="write a working config.yaml from a Parquet schema and a sample of rows")
+    i.add_argument("--data", required=True, help="training Parquet: file, folder or glob")
+    i.add_argument("--label", required=True, help="label column(s), comma-separated: one task each")
+    i.add_argument("--out", required=True, help="config file to write")
+    i.add_argument("--val", default=None, help="validation Parquet (default: a val/ sibling of a train* path)")
+    i.add_argument("--test", default=None, help="test Parquet (default: a test/ sibling of a train* path)")
+    i.add_argument("--exclude", default=None, help="columns to leave out, comma-separated (ids, weights, leaks)")
+    i.add_argument("--sample-rows", type=int, default=100_000, help="rows read to infer types and cardinalities")
+    i.add_argument("--force", action="store_true", help="replace an existing --out file")
+    i.set_defaults(func=_cmd_init)
+
     s = sub.add_parser("synth", help="write synthetic impression logs and a matching config.yaml")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--rows", type=int, default=200_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--task-correlation", type=float, default=0.5, help="cosine between task weight vectors")
+    s.add_argument("--position-bias", action="store_true",
+                   help="add a position column from a biased old ranking (test split: unbiased clicks)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
 

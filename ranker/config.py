@@ -17,6 +17,16 @@ from ranker.errors import RankerError
 ARCHITECTURE_NAMES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 # train.task_sampling.strategy: how often each data source supplies the batch (training.sources)
 SAMPLING_STRATEGIES = ("proportional", "uniform", "temperature")
+# how a dense feature reaches the model (see ranker.features): standard = z-score; log1p = z-score
+# of sign(x) log1p(|x|); piecewise_linear = position among quantile bin edges, embedded per feature
+# (Gorishniy et al., NeurIPS 2022, PLE); periodic = sin/cos of trainable frequencies of the same
+# quantile position, then linear + ReLU (the paper's PLR)
+NUMERIC_ENCODINGS = ("standard", "log1p", "piecewise_linear", "periodic")
+EMBEDDED_ENCODINGS = ("piecewise_linear", "periodic")
+# the default needs no hand transform: quantile bins do not care about heavy tails or units
+DEFAULT_ENCODING = "piecewise_linear"
+DEFAULT_BINS = 32  # quantile bins per embedded dense feature (fewer where values repeat)
+DEFAULT_NUMERIC_DIM = 8  # embedding width per embedded dense feature
 
 
 class _Strict(BaseModel):
@@ -39,12 +49,44 @@ class FeatureSpec(_Strict):
     column: str | None = None  # the Parquet column; defaults to ``name``
     buckets: PositiveInt | None = None  # hash buckets (categorical, multi_hot); +1 for "missing"
     dim: PositiveInt | None = None  # embedding width (categorical, multi_hot)
-    # dense only: log1p compresses heavy tails (counts, money) before standardisation
+    # dense only, the older spelling of ``encoding: log1p``: log1p compresses heavy tails
+    # (counts, money) before standardisation. Kept so existing configs mean what they meant.
     transform: Literal["none", "log1p"] = "none"
+    # dense only; unset = log1p where ``transform: log1p`` is given, else DEFAULT_ENCODING.
+    # Always set once validated, so a bundle's config says exactly what the model was trained on.
+    encoding: Literal["standard", "log1p", "piecewise_linear", "periodic"] | None = None
+    # piecewise_linear / periodic: the most quantile bins (edges come from the training pass)
+    bins: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @property
     def source(self) -> str:
         return self.column or self.name
+
+    @property
+    def embedded(self) -> bool:
+        """A dense feature the model embeds (``dim`` wide) rather than taking as one number."""
+        return self.type == "dense" and self.encoding in EMBEDDED_ENCODINGS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_encoding(cls, data: object) -> object:
+        """Fill in a dense feature's encoding (and its bins and width) from the defaults."""
+        if not isinstance(data, dict) or data.get("type") != "dense":
+            return data
+        data = dict(data)
+        name, enc, tr = data.get("name"), data.get("encoding"), data.get("transform", "none")
+        if tr == "log1p":
+            if enc in (None, "standard", "log1p"):
+                enc = "log1p"
+            else:
+                raise ValueError(f"feature {name!r}: 'transform: log1p' is the older spelling of 'encoding: log1p'; "
+                                 f"{enc} works on quantiles, which a monotone transform does not change: drop 'transform'")
+        data["encoding"] = enc or DEFAULT_ENCODING
+        if data["encoding"] in EMBEDDED_ENCODINGS:
+            for key, default in (("bins", DEFAULT_BINS), ("dim", DEFAULT_NUMERIC_DIM)):
+                if data.get(key) is None:
+                    data[key] = default
+        return data
 
     @model_validator(mode="after")
     def _check_kind(self) -> FeatureSpec:
@@ -53,8 +95,12 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"feature {self.name!r}: type {self.type} needs 'buckets' and 'dim'")
             if self.transform != "none":
                 raise ValueError(f"feature {self.name!r}: 'transform' applies to dense features only")
-        elif self.buckets is not None or self.dim is not None:
-            raise ValueError(f"feature {self.name!r}: dense features take no 'buckets' or 'dim'")
+            if self.encoding is not None or self.bins is not None:
+                raise ValueError(f"feature {self.name!r}: 'encoding' and 'bins' apply to dense features only")
+        elif self.buckets is not None:
+            raise ValueError(f"feature {self.name!r}: dense features take no 'buckets'")
+        elif not self.embedded and (self.dim is not None or self.bins is not None):
+            raise ValueError(f"feature {self.name!r}: 'dim' and 'bins' apply to encodings {' and '.join(EMBEDDED_ENCODINGS)} only")
         return self
 
 
@@ -78,6 +124,11 @@ class TaskSpec(_Strict):
     # data.val and tested on data.test of these; None = the top-level ``data``. Tasks with equal
     # ``data`` share one source; train.task_sampling picks the source of each batch
     data: DataConfig | None = None
+    # position-bias correction (YouTube's shallow tower, Zhao et al. RecSys 2019; PAL, Guo et al.
+    # RecSys 2019): these declared features feed a small tower whose logit adds to this task's in
+    # training only. They are not encoder inputs; serving never needs them, and the served score
+    # is the bias-free one.
+    bias_features: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_transform(self) -> TaskSpec:
@@ -92,6 +143,10 @@ class TaskSpec(_Strict):
             raise ValueError(f"task {self.name!r}: needs a 'label' column (or a 'product' of tasks)")
         if self.product and self.data is not None:
             raise ValueError(f"task {self.name!r}: a 'product' task reads its factors' data and takes no 'data' of its own")
+        if self.bias_features and (self.type != "binary" or self.product or not self.loss):
+            raise ValueError(f"task {self.name!r}: 'bias_features' need a binary task with a label and a loss of its own")
+        if len(set(self.bias_features)) != len(self.bias_features):
+            raise ValueError(f"task {self.name!r}: 'bias_features' names a feature twice")
         return self
 
 
@@ -113,6 +168,16 @@ class ModelConfig(_Strict):
     film: bool = False
     film_input: bool = False
     film_dim: PositiveInt = 16
+    # DCN-v2 cross layers (Wang et al., WWW 2021) on the encoder output, before the trunk:
+    # x_{l+1} = x_0 * (W_l x_l + b_l) + x_l. 0 = none.
+    cross_layers: int = Field(default=0, ge=0, le=16)
+    # low-rank cross layers: W_l = U_l V_l^T of this rank (DCN-v2's cheaper form); None = full rank
+    cross_rank: PositiveInt | None = None
+    # periodic dense encoding: frequencies per feature, drawn N(0, sigma^2) and then trained
+    periodic_frequencies: PositiveInt = 16
+    periodic_sigma: float = Field(default=1.0, gt=0)
+    # hidden widths of each position-bias tower (tasks[].bias_features); [] = one linear layer
+    bias_tower_dims: list[PositiveInt] = Field(default_factory=lambda: [16])
 
     @field_validator("architecture")
     @classmethod
@@ -287,11 +352,26 @@ class RankerConfig(_Strict):
             if len(set(homes.values())) > 1:
                 raise ValueError(f"task {t.name!r}: product factors {', '.join(t.product)} read different data; "
                                  "a product task needs its factors in one source")
+        feats = {f.name: f for f in self.features}
+        for t in self.tasks:
+            for b in t.bias_features:
+                if b not in feats:
+                    raise ValueError(f"task {t.name!r}: bias feature {b!r} is not a declared feature")
+                if feats[b].type == "multi_hot":
+                    raise ValueError(f"task {t.name!r}: bias feature {b!r} must be categorical or dense")
+        if all(f.name in self.bias_feature_names for f in self.features):
+            raise ValueError("every feature is a bias feature: the encoder needs at least one input")
         labels = {t.label for t in self.tasks if t.label} | {t.mask for t in self.tasks if t.mask}
         for f in self.features:
             if f.source in labels:
                 raise ValueError(f"feature {f.name!r} reads label column {f.source!r}: a label cannot be an input")
         return self
+
+    @property
+    def bias_feature_names(self) -> list[str]:
+        """Features named by any task's ``bias_features``, in config order: training-only inputs."""
+        named = {b for t in self.tasks for b in t.bias_features}
+        return [f.name for f in self.features if f.name in named]
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:

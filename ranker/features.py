@@ -3,14 +3,21 @@
 Categorical values are hashed with a stable hash (splitmix64 for integers, BLAKE2b for
 strings), so a value lands in the same bucket in every process, on every machine, in training
 and in serving. int64 ids are hashed from their exact bits, never through float. Bucket 0 is
-"missing" (null); values go to buckets 1..B. Dense features are standardised with statistics
-from one streaming pass over the training data; null, NaN and inf become 0 after
-standardisation, i.e. the training mean.
+"missing" (null); values go to buckets 1..B. Dense features are encoded with what one streaming
+pass over the training data fitted (``FeatureSpec.encoding``):
+    standard, log1p       z-score with the training mean and std (log1p: of sign(x) log1p(|x|));
+                          null, NaN and inf become 0, i.e. the training mean
+    piecewise_linear      fractional position q in [0, T] among T quantile bins (ranker.encodings);
+                          null, NaN and inf stay NaN and the model learns a vector for them
+    periodic              the same position scaled to [0, 1]; NaN as above
+Features that tasks name as ``bias_features`` are training-only inputs of the bias towers: they
+are left out of "cat"/"dense" and come as one tensor each under ``bias:<name>``.
 
 A featurized batch is a dict of row-aligned tensors so it can be shuffled and sliced by row:
     "cat"        (B, n_categorical) int64    bucket per categorical feature
-    "dense"      (B, n_dense)       float32  standardised dense features
+    "dense"      (B, n_dense)       float32  one encoded number per dense feature
     "bag:<name>" (B, L)             int64    multi-hot buckets, padded with ``buckets + 1``
+    "bias:<name>" (B,)              int64 bucket or float32 number, per bias feature (training)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 
 from ranker.config import FeatureSpec
+from ranker.encodings import QuantileSketch, bin_edges, bin_position
 from ranker.errors import RankerError
 
 ValueKind = Literal["int", "str"]
@@ -98,6 +106,8 @@ def _distinct_hashes(values: pa.Array, kind: ValueKind) -> tuple[np.ndarray, np.
     if uniq.null_count:
         null_code = int(np.flatnonzero(np.asarray(uniq.is_null()))[0])
     if kind == "int":
+        if pa.types.is_boolean(uniq.type):  # hashed as 0/1 (fill_null(bool, 0) would not cast)
+            uniq = pc.cast(uniq, pa.int64())
         hashes = hash_int64(pc.fill_null(uniq, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
     else:
         strs = uniq.to_pylist()
@@ -161,6 +171,11 @@ def bucket_values(arrays: Sequence[pa.Array | pa.ChunkedArray], kinds: Sequence[
     return out
 
 
+def _hash_array(arr: pa.Array | pa.ChunkedArray, kind: ValueKind, buckets: int) -> np.ndarray:
+    """Buckets of one flat array (``bucket_values`` for a single column)."""
+    return bucket_values([arr], [kind], [buckets])[0]
+
+
 def value_kind(t: pa.DataType) -> ValueKind | None:
     """The hashing kind of an Arrow scalar type, or None if it cannot be a categorical value."""
     if pa.types.is_dictionary(t):
@@ -172,15 +187,13 @@ def value_kind(t: pa.DataType) -> ValueKind | None:
     return None
 
 
-def _dense_values(arr: pa.Array | pa.ChunkedArray, transform: str) -> np.ndarray:
-    """Arrow numeric -> float64 with NaN for null/NaN/inf, after the feature's transform."""
+def _dense_values(arr: pa.Array | pa.ChunkedArray, encoding: str | None) -> np.ndarray:
+    """Arrow numeric -> float64 with NaN for null/NaN/inf, log1p'd for that encoding."""
     x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     x = np.where(np.isfinite(x), x, np.nan) if x.dtype == np.float64 else x.astype(np.float64)
-    return _log1p(x) if transform == "log1p" else x
-
-
-def _log1p(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)
+    if encoding == "log1p":
+        x = np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)
+    return x
 
 
 @dataclass
@@ -217,7 +230,9 @@ class Featurizer:
     Args:
         features: the configured features, in config order.
         kinds: per categorical/multi-hot feature, "int" or "str" as seen in the training data.
-        dense_stats: per dense feature, (mean, std) after its transform.
+        dense_stats: per standard/log1p dense feature, (mean, std) after its transform.
+        edges: per piecewise_linear/periodic feature, its ascending quantile bin edges.
+        bias: names of the bias-tower features (training only; see the module docstring).
 
     Example:
         >>> import pyarrow as pa
@@ -230,22 +245,44 @@ class Featurizer:
     features: list[FeatureSpec]
     kinds: dict[str, ValueKind] = field(default_factory=dict)
     dense_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    edges: dict[str, np.ndarray] = field(default_factory=dict)
+    bias: list[str] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[FeatureSpec]:
+        """The encoder's features: everything but the bias features. What serving reads."""
+        return [f for f in self.features if f.name not in self.bias]
+
+    @property
+    def bias_features(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.name in self.bias]
+
+    def without_bias(self) -> Featurizer:
+        """The same featurizer minus the bias features: what scoring needs (no ``bias:*`` keys,
+        and their columns are neither read nor checked)."""
+        if not self.bias:
+            return self
+        keep = {f.name for f in self.inputs}
+        return Featurizer(self.inputs, {k: v for k, v in self.kinds.items() if k in keep},
+                          {k: v for k, v in self.dense_stats.items() if k in keep},
+                          {k: v for k, v in self.edges.items() if k in keep}, [])
 
     @property
     def categorical(self) -> list[FeatureSpec]:
-        return [f for f in self.features if f.type == "categorical"]
+        return [f for f in self.inputs if f.type == "categorical"]
 
     @property
     def multi_hot(self) -> list[FeatureSpec]:
-        return [f for f in self.features if f.type == "multi_hot"]
+        return [f for f in self.inputs if f.type == "multi_hot"]
 
     @property
     def dense(self) -> list[FeatureSpec]:
-        return [f for f in self.features if f.type == "dense"]
+        return [f for f in self.inputs if f.type == "dense"]
 
     @property
     def columns(self) -> list[str]:
-        return [f.source for f in self.features]
+        """Every column training reads (bias features included)."""
+        return list(dict.fromkeys(f.source for f in self.features))
 
     # ----- fitting -------------------------------------------------------------------------
     @staticmethod
@@ -280,30 +317,69 @@ class Featurizer:
                 raise RankerError(f"{where}: feature {name!r} holds {kind} values but was trained on {self.kinds[name]} values")
 
     @classmethod
-    def fit(cls, features: list[FeatureSpec], schema: pa.Schema, batches: Iterable[pa.RecordBatch], where: str) -> Featurizer:
-        """One streaming pass over training batches: value kinds from the schema, dense moments."""
+    def fit(
+        cls,
+        features: list[FeatureSpec],
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        where: str,
+        bias: Sequence[str] = (),
+    ) -> Featurizer:
+        """One streaming pass over training batches: value kinds from the schema, dense moments
+        (standard, log1p) and quantile sketches (piecewise_linear, periodic), bounded memory."""
         kinds = cls.check_schema(features, schema, where)
-        moments = {f.name: RunningMoments() for f in features if f.type == "dense"}
         dense = [f for f in features if f.type == "dense"]
+        moments = {f.name: RunningMoments() for f in dense if not f.embedded}
+        sketches = {f.name: QuantileSketch() for f in dense if f.embedded}
         for rb in batches:
             for f in dense:
-                moments[f.name].update(_dense_values(rb.column(f.source), f.transform))
+                x = _dense_values(rb.column(f.source), f.encoding)
+                (sketches[f.name] if f.embedded else moments[f.name]).update(x)
         stats = {name: (m.mean, m.std) for name, m in moments.items()}
-        return cls(list(features), kinds, stats)
+        edges = {f.name: bin_edges(sketches[f.name], f.bins) for f in dense if f.embedded}  # type: ignore[arg-type]
+        return cls(list(features), kinds, stats, edges, list(bias))
 
     # ----- state ---------------------------------------------------------------------------
     def state(self) -> dict:
         """JSON-able state stored in the bundle's manifest."""
-        return {"kinds": dict(self.kinds), "dense_stats": {k: list(v) for k, v in self.dense_stats.items()}}
+        return {
+            "kinds": dict(self.kinds),
+            "dense_stats": {k: list(v) for k, v in self.dense_stats.items()},
+            "edges": {k: [float(e) for e in v] for k, v in self.edges.items()},
+            "bias": list(self.bias),
+        }
 
     @classmethod
     def from_state(cls, features: list[FeatureSpec], state: dict) -> Featurizer:
-        return cls(list(features), dict(state["kinds"]), {k: (float(v[0]), float(v[1])) for k, v in state["dense_stats"].items()})
+        """Rebuild from ``state()``; a state from before numeric encodings has no edges or bias."""
+        fz = cls(
+            list(features),
+            dict(state["kinds"]),
+            {k: (float(v[0]), float(v[1])) for k, v in state["dense_stats"].items()},
+            {k: np.asarray(v, dtype=np.float64) for k, v in state.get("edges", {}).items()},
+            list(state.get("bias", [])),
+        )
+        for f in fz.features:
+            if f.type == "dense" and f.name not in (fz.edges if f.embedded else fz.dense_stats):
+                raise KeyError(f"no fitted {'edges' if f.embedded else 'dense_stats'} for dense feature {f.name!r}")
+        return fz
 
     # ----- transform -----------------------------------------------------------------------
-    def transform(self, data: pa.Table | pa.RecordBatch) -> Batch:
+    def encode_dense(self, f: FeatureSpec, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """One dense column -> (n,) float32 as the feature's encoding wants it."""
+        x = _dense_values(col, f.encoding)
+        if f.embedded:
+            edges = self.edges[f.name]
+            q = bin_position(x, edges)
+            return (q if f.encoding == "piecewise_linear" else q / max(len(edges) - 1, 1)).astype(np.float32)
+        mean, std = self.dense_stats[f.name]
+        z = (x - mean) / std
+        return np.clip(np.nan_to_num(z, nan=0.0), -DENSE_CLIP, DENSE_CLIP).astype(np.float32)
+
+    def transform(self, data: pa.Table | pa.RecordBatch, bias: bool = True) -> Batch:
         """Featurize every row of ``data`` column-wise; columns absent from ``data`` count as
-        all-missing (serving may omit features; training checks the schema beforehand)."""
+        all-missing (serving may omit features; training checks the schema beforehand).
+        ``bias=False`` leaves out the bias features (serving: the model does not use them)."""
         n = data.num_rows
         out: Batch = {}
         names = set(data.schema.names)
@@ -326,25 +402,30 @@ class Featurizer:
         out["cat"] = torch.from_numpy(cat)
 
         dense = self.dense
-        den = np.zeros((n, len(dense)), dtype=np.float32)  # (n, D); absent columns stay 0
-        slots = [j for j, f in enumerate(dense) if f.source in names]
-        if slots:  # the same steps as _dense_values, on the (n, D') matrix of present columns
-            x = np.empty((n, len(slots)), dtype=np.float64)
-            for k, j in enumerate(slots):
-                x[:, k] = pc.cast(data.column(dense[j].source), pa.float64()).to_numpy(zero_copy_only=False)
-            x[~np.isfinite(x)] = np.nan
-            logs = [k for k, j in enumerate(slots) if dense[j].transform == "log1p"]
-            if logs:
-                x[:, logs] = _log1p(x[:, logs])
-            mean = np.array([self.dense_stats[dense[j].name][0] for j in slots])  # (D',)
-            std = np.array([self.dense_stats[dense[j].name][1] for j in slots])
-            den[:, slots] = np.clip(np.nan_to_num((x - mean) / std, nan=0.0), -DENSE_CLIP, DENSE_CLIP)
+        den = np.zeros((n, len(dense)), dtype=np.float32)
+        for j, f in enumerate(dense):
+            if f.source in names:
+                den[:, j] = self.encode_dense(f, data.column(f.source))
+            elif f.embedded:
+                den[:, j] = np.nan  # absent = missing, which embedded encodings keep apart
         out["dense"] = torch.from_numpy(den)
 
         bag_values = dict(zip(bag_cols, bucketed[len(cols) :], strict=True))
         for f in bags:
             out[f"bag:{f.name}"] = self._bag(bag_cols.get(f.name), bag_values.get(f.name), f, n)
+        for f in self.bias_features if bias else ():
+            out[f"bias:{f.name}"] = self._bias(data.column(f.source) if f.source in names else None, f, n)
         return out
+
+    def _bias(self, col: pa.Array | pa.ChunkedArray | None, f: FeatureSpec, n: int) -> torch.Tensor:
+        """One bias feature -> (n,) bucket (categorical) or encoded number (dense)."""
+        if f.type == "categorical":
+            if col is None:
+                return torch.zeros(n, dtype=torch.int64)
+            return torch.from_numpy(_hash_array(col, self.kinds[f.name], f.buckets))  # type: ignore[arg-type]
+        if col is None:
+            return torch.full((n,), np.nan if f.embedded else 0.0)
+        return torch.from_numpy(self.encode_dense(f, col))
 
     @staticmethod
     def _bag(col: pa.Array | None, values: np.ndarray | None, f: FeatureSpec, n: int) -> torch.Tensor:
@@ -367,7 +448,7 @@ class Featurizer:
     def missing_counts(self, data: pa.Table | pa.RecordBatch) -> dict[str, int]:
         """Nulls (or absent columns) per feature, for serving's missing-feature counter."""
         names = set(data.schema.names)
-        return {f.name: (data.column(f.source).null_count if f.source in names else data.num_rows) for f in self.features}
+        return {f.name: (data.column(f.source).null_count if f.source in names else data.num_rows) for f in self.inputs}
 
 
 def concat_batches(batches: Sequence[Batch], pads: dict[str, int]) -> Batch:

@@ -76,7 +76,7 @@ def _fz(**kinds: str) -> Featurizer:
         FeatureSpec(name="c", type="categorical", buckets=50, dim=4),
         FeatureSpec(name="tags", type="multi_hot", buckets=100, dim=4),
         FeatureSpec(name="p", type="dense", transform="log1p"),
-        FeatureSpec(name="q", type="dense"),
+        FeatureSpec(name="q", type="dense", encoding="standard"),
     ]
     return Featurizer(feats, {"u": "int", "c": "str", "tags": "str"}, {"p": (1.0, 2.0), "q": (10.0, 5.0)})
 
@@ -129,7 +129,7 @@ def test_running_moments_match_numpy() -> None:
 
 
 def test_fit_normalises_with_train_stats() -> None:
-    feats = [FeatureSpec(name="p", type="dense")]
+    feats = [FeatureSpec(name="p", type="dense", encoding="standard")]
     batches = [pa.record_batch({"p": pa.array([1.0, 2.0, None])}), pa.record_batch({"p": pa.array([3.0, 4.0])})]
     fz = Featurizer.fit(feats, batches[0].schema, batches, "train.parquet")
     mean, std = fz.dense_stats["p"]

@@ -195,9 +195,13 @@ def test_feedback_sums_equal_offline_sums_and_ranker_evaluate(
             assert got[t].negatives.tolist() == want.negatives.tolist()
         assert got[t].figures() == pytest.approx(want.figures(), rel=1e-12), t
         assert reported[t] == pytest.approx(want.figures(), rel=1e-12), t
-    # the binned AUC sits a little under the exact one; the NE beside the bundle's validation NE
+    # the binned AUC near the exact one; the NE beside the bundle's validation NE
     exact = offline.metrics["val"]
-    assert reported["ctr"]["auc_binned"] <= exact["ctr"]["auc"] + 1e-12
+    # binning only loses the order inside a bin: it moves the AUC by at most half the share of
+    # positive/negative pairs that share one (either way)
+    pos, neg = got["ctr"].positives.astype(float), got["ctr"].negatives.astype(float)
+    bound = 0.5 * float((pos * neg).sum() / (pos.sum() * neg.sum()))
+    assert abs(reported["ctr"]["auc_binned"] - exact["ctr"]["auc"]) <= bound + 1e-12
     assert reported["ctr"]["ne"] == pytest.approx(exact["ctr"]["ne"], rel=1e-6)
 
 

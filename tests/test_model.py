@@ -15,7 +15,7 @@ FEATURES = [
     FeatureSpec(name="c", type="categorical", buckets=10, dim=4),
     FeatureSpec(name="v", type="categorical", buckets=10, dim=8),
     FeatureSpec(name="t", type="multi_hot", buckets=20, dim=4),
-    FeatureSpec(name="p", type="dense"),
+    FeatureSpec(name="p", type="dense", encoding="standard"),
 ]
 TASKS = [
     TaskSpec(name="ctr", type="binary", label="click"),

@@ -135,7 +135,7 @@ def test_parser_refuses_two_features_typed_differently_on_one_column() -> None:
 def test_parser_reads_a_number_that_is_both_dense_and_categorical_as_int64() -> None:
     """Census-style features: `age` standardised and hashed per value, from one int64 column."""
     features = [
-        FeatureSpec(name="age_num", column="age", type="dense"),
+        FeatureSpec(name="age_num", column="age", type="dense", encoding="standard"),
         FeatureSpec(name="age", type="categorical", buckets=100, dim=2),
     ]
     fz = Featurizer(features, {"age": "int"}, {"age_num": (40.0, 10.0)})

@@ -1,4 +1,5 @@
-"""Encoder: featurized batch -> one dense vector per row (embeddings, bags, dense features)."""
+"""Encoder: featurized batch -> one dense vector per row (embeddings, bags, dense features),
+optionally through DCN-v2 cross layers."""
 
 from __future__ import annotations
 
@@ -7,28 +8,46 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ranker.config import FeatureSpec
+from ranker.config import FeatureSpec, ModelConfig
+from ranker.model.crosses import CrossNet
+from ranker.model.numeric import PeriodicEmbedding, PiecewiseLinearEmbedding
+
+
+def numeric_embedding(encoding: str, n: int, dim: int, bins: int, cfg: ModelConfig) -> nn.Module:
+    """The embedding module of ``n`` dense features sharing one embedded encoding and width."""
+    if encoding == "piecewise_linear":
+        return PiecewiseLinearEmbedding(n, bins, dim)
+    return PeriodicEmbedding(n, cfg.periodic_frequencies, cfg.periodic_sigma, dim)
 
 
 class Encoder(nn.Module):
-    """Embeds categorical features, pools multi-hot bags, appends standardised dense features.
+    """Embeds categorical features, pools multi-hot bags, encodes dense features, and crosses.
 
     Categorical features of equal width share one concatenated table (per-feature offsets), so
     the lookup is one op per distinct width, not one per feature. Bag padding (``buckets + 1``)
-    is ``padding_idx``: it adds nothing to the mean.
+    is ``padding_idx``: it adds nothing to the mean. Dense features with a standard/log1p
+    encoding are appended as they are; piecewise_linear/periodic ones are embedded ``dim`` wide,
+    one batched module per (encoding, dim) group (``ranker.model.numeric``). With
+    ``cfg.cross_layers`` the concatenation goes through DCN-v2 cross layers, width unchanged.
 
     Args:
-        features: configured features in config order (the featurizer's column order).
+        features: the encoder's features in config order (the featurizer's column order;
+            bias features are not among them).
+        cfg: model settings (cross layers, periodic frequencies); defaults when None.
 
     Example:
         >>> from ranker.config import FeatureSpec as F
-        >>> enc = Encoder([F(name="u", type="categorical", buckets=9, dim=4), F(name="p", type="dense")])
+        >>> enc = Encoder([F(name="u", type="categorical", buckets=9, dim=4), F(name="p", type="dense", encoding="standard")])
         >>> enc({"cat": torch.zeros(2, 1, dtype=torch.long), "dense": torch.zeros(2, 1)}).shape
         torch.Size([2, 5])
+        >>> enc = Encoder([F(name="p", type="dense", dim=3)])  # piecewise_linear by default
+        >>> enc({"cat": torch.zeros(2, 0, dtype=torch.long), "dense": torch.tensor([[0.5], [float("nan")]])}).shape
+        torch.Size([2, 3])
     """
 
-    def __init__(self, features: Sequence[FeatureSpec]) -> None:
+    def __init__(self, features: Sequence[FeatureSpec], cfg: ModelConfig | None = None) -> None:
         super().__init__()
+        cfg = cfg or ModelConfig()
         cats = [f for f in features if f.type == "categorical"]
         self.groups: list[int] = sorted({f.dim for f in cats})  # type: ignore[misc]
         self.tables = nn.ModuleList()
@@ -49,8 +68,23 @@ class Encoder(nn.Module):
                 with torch.no_grad():
                     bag.weight[f.buckets + 1].zero_()  # type: ignore[operator]
                 self.bags[f.name] = bag
-        self.n_dense = sum(1 for f in features if f.type == "dense")
-        self.out_dim = sum(f.dim for f in cats) + sum(f.dim for f in features if f.type == "multi_hot") + self.n_dense  # type: ignore[misc]
+        dense = [f for f in features if f.type == "dense"]
+        self.n_dense = len(dense)
+        plain = [j for j, f in enumerate(dense) if not f.embedded]
+        # all dense features plain (the old layout): the tensor goes in as it is, no gather
+        self.all_plain = len(plain) == len(dense)
+        self.register_buffer("plain_cols", torch.tensor(plain, dtype=torch.long), persistent=False)
+        self.numeric = nn.ModuleList()
+        self.numeric_keys: list[tuple[str, int]] = sorted({(f.encoding, f.dim) for f in dense if f.embedded})  # type: ignore[misc]
+        for g, (encoding, dim) in enumerate(self.numeric_keys):
+            cols = [j for j, f in enumerate(dense) if f.embedded and (f.encoding, f.dim) == (encoding, dim)]
+            self.register_buffer(f"numeric_cols{g}", torch.tensor(cols, dtype=torch.long), persistent=False)
+            bins = max(dense[j].bins for j in cols)  # type: ignore[type-var]
+            self.numeric.append(numeric_embedding(encoding, len(cols), dim, bins, cfg))  # type: ignore[arg-type]
+        width = sum(f.dim for f in cats) + sum(f.dim for f in features if f.type == "multi_hot")  # type: ignore[misc]
+        width += len(plain) + sum(f.dim for f in dense if f.embedded)  # type: ignore[misc]
+        self.out_dim = width
+        self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
@@ -61,5 +95,13 @@ class Encoder(nn.Module):
         for name, bag in self.bags.items():
             parts.append(bag(batch[f"bag:{name}"]))  # (B, dim)
         if self.n_dense:
-            parts.append(batch["dense"])  # (B, n_dense)
-        return torch.cat(parts, dim=1)  # (B, out_dim)
+            dense = batch["dense"]  # (B, n_dense)
+            if self.all_plain:
+                parts.append(dense)
+            else:
+                if len(self.plain_cols):
+                    parts.append(dense[:, self.plain_cols])  # (B, n_plain)
+                for g, emb in enumerate(self.numeric):
+                    parts.append(emb(dense[:, getattr(self, f"numeric_cols{g}")]))  # (B, n_g * dim)
+        x = torch.cat(parts, dim=1)  # (B, out_dim)
+        return self.cross(x) if self.cross is not None else x

@@ -9,6 +9,7 @@ from torch import nn
 
 from ranker.config import FeatureSpec, ModelConfig, TaskSpec
 from ranker.errors import RankerError
+from ranker.model.bias import BiasTower
 from ranker.model.encoder import Encoder
 from ranker.model.esmm import ProductHead
 from ranker.model.heads import build_head
@@ -24,6 +25,9 @@ class MultiTaskRanker(nn.Module):
     ``predict`` returns scores instead (probabilities; regression in label units).
     ``last_encoding`` keeps the encoder output of the last call (B, in): the one representation
     every task shares, on which gradient weighting methods may act.
+    Tasks with ``bias_features`` own a ``BiasTower`` whose logit is added to theirs in training
+    mode only; in eval mode (evaluation, serving) the output is position-free and the batch
+    needs no ``bias:*`` keys. Bias features are not encoder inputs.
 
     Args:
         features: configured features (featurizer order).
@@ -42,10 +46,15 @@ class MultiTaskRanker(nn.Module):
         self.task_names = [t.name for t in tasks]
         self.products = {t.name: list(t.product) for t in tasks if t.product}
         towers = [t for t in tasks if not t.product]
-        self.encoder = Encoder(features)
+        by_name = {f.name: f for f in features}
+        bias = {b for t in tasks for b in t.bias_features}
+        self.encoder = Encoder([f for f in features if f.name not in bias], cfg)
         self.trunk = build_trunk(cfg, self.encoder.out_dim, [t.name for t in towers])
         self.heads = nn.ModuleDict(
             {t.name: ProductHead(t.product) if t.product else build_head(t, self.trunk.out_dim, cfg.tower_dims, cfg.dropout) for t in tasks}
+        )
+        self.bias_towers = nn.ModuleDict(
+            {t.name: BiasTower([by_name[b] for b in t.bias_features], cfg) for t in towers if t.bias_features}
         )
         self.last_encoding: torch.Tensor | None = None
 
@@ -65,6 +74,10 @@ class MultiTaskRanker(nn.Module):
             self.last_encoding = x
         reps = self.trunk(x, towers)  # {task: (B, D)}
         raw = {t: self.heads[t](reps[t]) for t in towers}
+        if self.training:  # the bias logit explains the logged context, never served
+            for t in towers:
+                if t in self.bias_towers:
+                    raw[t] = raw[t] + self.bias_towers[t](batch)
         return {t: self.heads[t](raw) if t in self.products else raw[t] for t in names}
 
     def scores(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -131,7 +131,7 @@ class ServingMetrics:
             self.task_requests.labels(t)
             self.task_items.labels(t)
             self.head_duration.labels(t)
-        for f in new.bundle.config.features:
+        for f in new.bundle.featurizer.inputs:
             self.feature_missing.labels(f.name)
         if old is not None and (old.version, old.architecture) != (new.version, new.architecture):
             self.model_info.remove(old.version, old.architecture)

@@ -181,7 +181,7 @@ class RequestParser:
     def __init__(self, featurizer: Featurizer, max_items: int) -> None:
         self.max_items = max_items
         cols: dict[str, Column] = {}
-        for f in featurizer.features:
+        for f in featurizer.inputs:  # bias-tower features are training-only: not read
             c = Column(f.source, f.type, featurizer.kinds.get(f.name))
             prev = cols.setdefault(f.source, c)
             if prev == c:

@@ -198,7 +198,7 @@ class LoadedModel:
             t0 = time.perf_counter()
             table = wire.decode(self.parser, body)  # (n, one column per feature source)
             t1 = time.perf_counter()
-            batch = self.bundle.featurizer.transform(table)  # {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
+            batch = self.bundle.featurizer.transform(table, bias=False)  # bias-tower features are training-only; {"cat": (n, C), "dense": (n, D), "bag:*": (n, L)}
             t2 = time.perf_counter()
             if batcher is not None:
                 pending = False
@@ -242,7 +242,7 @@ class LoadedModel:
             tasks=[TaskInfo(name=t.name, type=t.type, transform=t.transform) for t in b.config.tasks],
             features=[
                 FeatureInfo(name=f.name, type=f.type, column=f.source, kind=b.featurizer.kinds.get(f.name))
-                for f in b.config.features
+                for f in b.featurizer.inputs
             ],
             metrics=b.metrics,
         )

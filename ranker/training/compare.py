@@ -88,7 +88,10 @@ def single_task_config(cfg: RankerConfig, task: str) -> RankerConfig:
     spec = cfg.task(task).model_copy(update={"loss": True, "weight": 1.0})
     monitor = cfg.train.monitor if cfg.train.monitor.split(".")[0] == task else "mean"
     train = cfg.train.model_copy(update={"weighting": SINGLE_WEIGHTING, "monitor": monitor})
-    return cfg.model_copy(update={"tasks": [spec], "train": train})
+    # other tasks' bias-tower features (position) must not turn into this model's inputs
+    others = set(cfg.bias_feature_names) - set(spec.bias_features)
+    features = [f for f in cfg.features if f.name not in others]
+    return cfg.model_copy(update={"tasks": [spec], "train": train, "features": features})
 
 
 def compared_tasks(cfg: RankerConfig) -> list[str]:

@@ -24,6 +24,19 @@ an id always means the same thing and a model can learn it from the columns. Use
 Zipf-skewed (a few heavy hitters and a long tail); about 10% of ids lie above 2**53 so that any
 pass through float64 shows up as a changed id.
 
+Position bias (``position_bias=True``, ``ranker synth --position-bias``): an old ranker shows
+each impression at a ``position`` 1..10 from its own score, o = 0.5 s_ctr / sd + 2 promotion +
+0.7 noise, where the promotion is a hidden boost per item category unrelated to relevance (the
+old ranking favoured some categories for business reasons). A user examines position p with probability 1 / p
+(the position-based click model), so in train and val
+
+    click = examined * Bernoulli(sigmoid(a_ctr s_ctr + b_ctr))
+
+while the test split is unbiased: its ``click`` is the relevance draw alone, as if every item
+had been examined, so test AUC measures ranking by true relevance. A model that learns clicks
+without knowing position credits promoted categories with the clicks their top slots earned; a
+position-bias tower (``tasks[].bias_features: [position]``) takes that part of the logit.
+
 Rows are generated in fixed blocks, each from its own seeded stream, and re-cut into files and
 row groups, so the data depends only on (seed, rows, task_correlation), never on the file layout,
 and memory is bounded by max(block, row_group_size) rows whatever ``rows`` is.
@@ -65,7 +78,10 @@ SCHEMA = pa.schema(
         ("watch_seconds", pa.float64()),
     ]
 )
+POSITION_SCHEMA = SCHEMA.append(pa.field("position", pa.int64()))
 TASKS = ("ctr", "cvr", "watch")
+POSITIONS = 10  # slots of the old ranking; examination probability 1 / position
+PROMO_WEIGHT, OLD_RELEVANCE_WEIGHT, OLD_NOISE = 2.0, 0.5, 0.7
 SPLITS = ("train", "val", "test")  # 80/10/10
 
 N_USERS = 200_000
@@ -222,8 +238,9 @@ def _build_world(seed: int, task_correlation: float) -> _World:
     )
 
 
-def _sample(w: _World, rng: np.random.Generator, n: int) -> tuple[list[pa.Array], np.ndarray]:
-    """n impressions: their feature columns (SCHEMA order, labels not included) and latent z."""
+def _sample(w: _World, rng: np.random.Generator, n: int) -> tuple[list[pa.Array], np.ndarray, np.ndarray]:
+    """n impressions: their feature columns (SCHEMA order, labels not included), latent z and
+    item index."""
     user = np.searchsorted(w.user_cdf, rng.random(n), side="right")
     item = np.searchsorted(w.item_cdf, rng.random(n), side="right")
     hour = np.searchsorted(w.hour_cdf, rng.random(n), side="right")
@@ -266,7 +283,7 @@ def _sample(w: _World, rng: np.random.Generator, n: int) -> tuple[list[pa.Array]
         pa.array(activity),
         pa.array(hour.astype(np.int64)),
     ]
-    return columns, z
+    return columns, z, item
 
 
 def _scores(w: _World, rng: np.random.Generator, z: np.ndarray) -> dict[str, np.ndarray]:
@@ -316,7 +333,7 @@ def _calibrate(w: _World, seed: int) -> _World:
     - pick b_ctr and b_cvr so the click and conversion rates hit their targets whatever P is.
     """
     rng = np.random.default_rng([seed, 1])
-    _, z = _sample(w, rng, _CALIBRATION_ROWS)
+    _, z, _ = _sample(w, rng, _CALIBRATION_ROWS)
     evals, evecs = np.linalg.eigh(np.cov(z, rowvar=False))
     w = replace(w, task_w=(evecs / np.sqrt(evals)) @ evecs.T @ w.task_w)  # Cov^-1/2 W
     s = _scores(w, rng, z)
@@ -339,12 +356,38 @@ def _hidden_scores(
     return _scores(w, rng, _sample(w, rng, rows)[1])
 
 
-def _blocks(w: _World, seed: int, split: int, n: int) -> Iterator[pa.Table]:
+def _item_promotion(w: _World, seed: int) -> np.ndarray:
+    """(N_ITEMS,) the old ranker's hidden boost of each item's category; its own stream, so the
+    rest of the world (and every default synth output) is unchanged by position bias."""
+    per_category = np.random.default_rng([seed, 7]).standard_normal(N_CATEGORIES)
+    category = np.array([int(c[len("cat_"):]) for c in w.item_category.to_pylist()])
+    return per_category[category]
+
+
+def _positions(rng: np.random.Generator, s_ctr: np.ndarray, promo: np.ndarray) -> np.ndarray:
+    """Slot 1..POSITIONS of each impression in the old ranking: higher old score, higher slot."""
+    o = OLD_RELEVANCE_WEIGHT * s_ctr / s_ctr.std() + PROMO_WEIGHT * promo + OLD_NOISE * rng.standard_normal(len(s_ctr))
+    rank = np.argsort(np.argsort(-o)) / len(o)  # 0 = best old score in the block
+    return 1 + np.floor(rank * POSITIONS).astype(np.int64)
+
+
+def _blocks(w: _World, seed: int, split: int, n: int, position_bias: bool = False) -> Iterator[pa.Table]:
     """The split's rows in fixed blocks, each from its own stream: layout-independent data."""
+    promo = _item_promotion(w, seed) if position_bias else None
     for b, start in enumerate(range(0, n, _BLOCK)):
         rng = np.random.default_rng([seed, 3, split, b])
-        features, z = _sample(w, rng, min(_BLOCK, n - start))
-        yield pa.Table.from_arrays(features + _labels(w, rng, _scores(w, rng, z)), schema=SCHEMA)
+        features, z, item = _sample(w, rng, min(_BLOCK, n - start))
+        s = _scores(w, rng, z)
+        labels = _labels(w, rng, s)
+        if promo is None:
+            yield pa.Table.from_arrays(features + labels, schema=SCHEMA)
+            continue
+        position = _positions(rng, s["ctr"], promo[item])
+        if SPLITS[split] != "test":  # logged clicks: only examined items can be clicked
+            examined = rng.random(len(position)) < 1.0 / position
+            click = labels[0].to_numpy() * examined
+            labels = [pa.array(click), pa.array(labels[1].to_numpy() * examined), labels[2]]
+        yield pa.Table.from_arrays(features + labels + [pa.array(position)], schema=POSITION_SCHEMA)
 
 
 class _Rebatcher:
@@ -373,19 +416,29 @@ def _write_split(
     rows_per_file: int,
     row_group_size: int,
     bar: tqdm,
+    schema: pa.Schema = SCHEMA,
 ) -> None:
     folder.mkdir()
     source = _Rebatcher(blocks)
     for f, start in enumerate(range(0, n, rows_per_file)):
         n_file = min(rows_per_file, n - start)
-        with pq.ParquetWriter(folder / f"part-{f:05d}.parquet", SCHEMA) as writer:
+        with pq.ParquetWriter(folder / f"part-{f:05d}.parquet", schema) as writer:
             for g in range(0, n_file, row_group_size):
                 group = source.take(min(row_group_size, n_file - g))
                 writer.write_table(group, row_group_size=group.num_rows)
                 bar.update(group.num_rows)
 
 
-def _config() -> dict:
+def _config(position_bias: bool = False) -> dict:
+    cfg = _base_config()
+    if position_bias:
+        # 1,000 buckets: slots 1..10 land in 10 distinct buckets (at 16 two pairs would merge)
+        cfg["features"].append({"name": "position", "type": "categorical", "buckets": 1000, "dim": 4})
+        cfg["tasks"][0]["bias_features"] = ["position"]
+    return cfg
+
+
+def _base_config() -> dict:
     return {
         "data": {"train": "train", "val": "val", "test": "test"},
         "features": [
@@ -465,6 +518,7 @@ def write_synthetic(
     rows_per_file: int = 250_000,
     row_group_size: int = 50_000,
     progress: bool = False,
+    position_bias: bool = False,
 ) -> Path:
     """Write train/val/test Parquet impression logs (80/10/10) and a matching config.yaml.
 
@@ -477,6 +531,9 @@ def write_synthetic(
         rows_per_file: the most rows in one Parquet file of a split.
         row_group_size: the most rows in one row group; memory grows with it, not with ``rows``.
         progress: show a tqdm bar over rows written.
+        position_bias: add a ``position`` column from a biased old ranking; train/val clicks
+            depend on it, test clicks are unbiased relevance (see the module docstring), and
+            the config's ctr task gets a position-bias tower.
 
     Returns:
         The path of the written config.yaml (its data paths are relative to its folder).
@@ -489,7 +546,7 @@ def write_synthetic(
     _check_args(rows, seed, task_correlation, rows_per_file, row_group_size)
     out = Path(out_dir).expanduser().absolute()
     _check_out_dir(out)
-    raw = _config()
+    raw = _config(position_bias)
     parse_config(raw, "synth config")  # a schema drift fails here, before any data is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -503,11 +560,12 @@ def write_synthetic(
         ) as bar:
             for k, (name, n) in enumerate(zip(SPLITS, sizes, strict=True)):
                 _write_split(
-                    _blocks(w, seed, k, n), n, tmp / name, rows_per_file, row_group_size, bar
+                    _blocks(w, seed, k, n, position_bias), n, tmp / name, rows_per_file, row_group_size, bar,
+                    POSITION_SCHEMA if position_bias else SCHEMA,
                 )
         header = (
             f"# written by ranker.training.synth: rows={rows} seed={seed}"
-            f" task_correlation={task_correlation}\n"
+            f" task_correlation={task_correlation}{' position_bias=true' if position_bias else ''}\n"
             "# data paths are relative to this file's folder\n"
         )
         (tmp / "config.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))

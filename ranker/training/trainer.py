@@ -206,7 +206,7 @@ class Trainer:
                         target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
                     yield rb
 
-        featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]))
+        featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]), bias=self.cfg.bias_feature_names)
         for src in sources:
             for t in src.tasks:
                 if t.name in target and target[t.name].count == 0:

@@ -1,0 +1,142 @@
+"""``ranker init``: a config inferred from real Parquet that loads and trains; CLI errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ranker.cli import main
+from ranker.config import load_config
+from ranker.features import _hash_array
+from ranker.init_config import _buckets, _collision_free_buckets, _dim
+
+
+def _table(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    city = rng.choice([f"city{i}" for i in range(40)], n)
+    age = rng.integers(18, 90, n)
+    code = rng.integers(0, 12, n)
+    income = rng.lognormal(10, 1.5, n)
+    logit = -1.0 + (age > 50) * 1.0 + (code % 3 == 0) * 0.8 + np.where(np.char.endswith(city.astype(str), "7"), 1.0, 0.0)
+    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    conversion = click * (rng.random(n) < 0.3)
+    tags = [[f"t{(i + j) % 30}" for j in range(i % 4)] for i in range(n)]
+    return pa.table({
+        "city": pa.array(city.tolist(), mask=rng.random(n) < 0.05),
+        "premium": pa.array(rng.random(n) < 0.2),
+        "age": pa.array(age, pa.int64()),
+        "code": pa.array(code, pa.int32()),
+        "income": pa.array(income),
+        "tags": pa.array(tags, pa.list_(pa.string())),
+        "seen_at": pa.array([dt.datetime(2024, 1, 1)] * n, pa.timestamp("s")),
+        "row_id": pa.array(np.arange(n), pa.int64()),
+        "click": pa.array(click),
+        "conversion": pa.array(conversion),
+        "watch_seconds": pa.array(np.exp(rng.normal(3, 1.5, n))),
+    })
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    for split, n, seed in (("train", 3000, 0), ("val", 800, 1), ("test", 800, 2)):
+        (tmp_path / split).mkdir()
+        pq.write_table(_table(n, seed), tmp_path / split / "part-0.parquet")
+    return tmp_path
+
+
+def test_init_writes_a_config_that_trains(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cfg" / "config.yaml"
+    rc = main(["init", "--data", str(data / "train"), "--label", "click,conversion,watch_seconds", "--exclude", "row_id", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    text = out.read_text()
+    assert text.startswith("# written by `ranker init`") and "seen_at: left out: type timestamp" in text
+    cfg = load_config(out)
+    paths = {k: Path(getattr(cfg.data, k)).resolve() for k in ("train", "val", "test")}
+    assert paths == {k: (data / k).resolve() for k in paths}  # val/ and test/ found beside train/
+    feats = {f.name: f for f in cfg.features}
+    assert set(feats) == {"city", "premium", "age", "code", "code_cat", "income", "tags"}
+    assert feats["city"].type == "categorical" and 1024 <= feats["city"].buckets < 1024 + 256 and feats["city"].dim == _dim(40) == 16
+    cities = pa.array(sorted({c for c in pq.read_table(data / "train").column("city").to_pylist() if c}))
+    assert len(set(_hash_array(cities, "str", feats["city"].buckets).tolist())) == len(cities)  # no two cities merged
+    assert feats["premium"].type == "categorical" and feats["tags"].type == "multi_hot"
+    assert feats["age"].type == "dense" and feats["age"].encoding == "piecewise_linear"  # 72 values: no code twin
+    assert feats["code"].type == "dense" and feats["code_cat"].column == "code" and feats["code_cat"].type == "categorical"
+    assert feats["income"].type == "dense" and feats["income"].transform == "none"
+    tasks = {t.name: t for t in cfg.tasks}
+    assert tasks["click"].type == "binary" and tasks["click"].mask is None
+    assert tasks["conversion"].type == "binary" and tasks["conversion"].mask == "click"  # positive only under click
+    assert tasks["watch_seconds"].type == "regression" and tasks["watch_seconds"].transform == "log1p"
+    # and it trains: one epoch through the real CLI
+    raw = yaml.safe_load(text)
+    raw["train"].update(epochs=1, progress=False)
+    out.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(out), "--out", str(tmp_path / "bundle"), "--quiet"]) == 0
+    assert "click" in capsys.readouterr().out
+
+
+def test_label_existing_only_under_another_gets_its_mask(tmp_path: Path) -> None:
+    n = 400
+    click = np.arange(n) % 3 == 0
+    t = pa.table({"x": pa.array(np.arange(n, dtype=float)), "click": pa.array(click.astype(np.int8)),
+                  "cvr_label": pa.array(np.where(click, np.arange(n) % 2, 0).astype(float), mask=~click),
+                  "rating": pa.array(np.arange(n) % 5 + 1.0)})
+    pq.write_table(t, tmp_path / "train.parquet")
+    pq.write_table(t, tmp_path / "val.parquet")
+    out = tmp_path / "c.yaml"
+    assert main(["init", "--data", str(tmp_path / "train.parquet"), "--label", "click,cvr_label,rating", "--out", str(out)]) == 0
+    cfg = load_config(out)
+    assert Path(cfg.data.val).resolve() == (tmp_path / "val.parquet").resolve()  # train.parquet -> val.parquet
+    tasks = {t.name: t for t in cfg.tasks}
+    assert tasks["cvr_label"].mask == "click" and tasks["click"].mask is None
+    assert tasks["rating"].type == "regression" and tasks["rating"].transform == "none"
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--label", "clik"], r"no column 'clik'"),
+        (["--label", "city"], r"label column 'city' has type string; labels must be numeric"),
+        (["--label", "click", "--exclude", "nope"], r"no column 'nope'"),
+        (["--label", "click,click"], r"--label: a column is named twice"),
+        (["--label", "click", "--sample-rows", "0"], r"--sample-rows: must be at least 1"),
+        (["--label", ","], r"--label: name at least one label column"),
+    ],
+)
+def test_init_errors_exit_2_with_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str) -> None:
+    rc = main(["init", "--data", str(data / "train"), "--out", str(tmp_path / "c.yaml"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("ranker: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+    assert re.search(match, err), err  # noqa
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_init_refuses_to_overwrite_without_force_and_missing_data(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c.yaml"
+    out.write_text("keep me")
+    assert main(["init", "--data", str(data / "train"), "--label", "click", "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "keep me"
+    assert main(["init", "--data", str(data / "train"), "--label", "click", "--out", str(out), "--force"]) == 0
+    assert load_config(out).tasks[0].name == "click"
+    assert main(["init", "--data", str(tmp_path / "nothing"), "--label", "click", "--out", str(tmp_path / "d.yaml")]) == 2
+    assert "--data: no Parquet files found" in capsys.readouterr().err
+    assert main(["init", "--data", str(data / "train"), "--out", str(tmp_path / "d.yaml")]) == 2  # --label is required
+    assert "the following arguments are required: --label" in capsys.readouterr().err
+
+
+def test_bucket_rule_avoids_collisions_in_small_vocabularies() -> None:
+    assert _buckets(3) == 1024 and _buckets(200) == 20_000 and _buckets(1000) == 16_000 and _buckets(10**7) == 2**18
+    values = pa.array([f"v{i}" for i in range(200)])  # at 3,200 buckets (16 d) ~6 pairs would collide
+    assert len(set(_hash_array(values, "str", 16 * 200).tolist())) < 200
+    b = _collision_free_buckets(values, "str")
+    assert 20_000 <= b < 20_000 + 256 and len(set(_hash_array(values, "str", b).tolist())) == 200
+    ids = pa.array(range(30_000))
+    assert _collision_free_buckets(ids, "int") == _buckets(30_000)  # large vocabularies: no search
