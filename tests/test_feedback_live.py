@@ -126,10 +126,10 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
                 total = _count(events)
                 wait_for_data(prom.url, f'task:ranker_feedback_labelled:increase1h{{task="ctr"}} > {0.97 * total["ctr"]}')
                 # increase() extrapolates each series to the window's end by up to a scrape
-                # interval: a few percent more on a series that is only seconds old. Losing a's
-                # first life would give 60%.
+                # interval: up to tens of percent more on series only seconds old on a slow
+                # machine (1.15x was seen). Losing a's first life would give 60%.
                 counted = _by_task(prom.url, "task:ranker_feedback_labelled:increase1h")
-                assert all(0.97 * total[t] <= counted[t] <= 1.15 * total[t] for t in TASKS), (counted, total)
+                assert all(0.97 * total[t] <= counted[t] <= 1.5 * total[t] for t in TASKS), (counted, total)
                 assert all(_count(live)[t] < 0.7 * total[t] for t in TASKS)  # the raw sums did lose it
                 rules = {
                     "calibration": _by_task(prom.url, "task:ranker_feedback_calibration:ratio_1h"),
