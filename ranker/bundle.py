@@ -59,19 +59,19 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _finite(obj: object) -> object:
+def json_safe(obj: object) -> object:
     """NaN and infinities (an undefined metric: AUC of a split with one class) as JSON null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def _json_bytes(obj: object) -> bytes:
-    return json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False).encode()
+    return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False).encode()
 
 
 def write_atomic_dir(out: Path, files: dict[str, bytes]) -> None:

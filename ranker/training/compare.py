@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ranker.bundle import json_safe
 from ranker.config import RankerConfig
 from ranker.errors import RankerError
 from ranker.training.affinity import AffinityProbe, pool
@@ -545,16 +546,6 @@ def plot(rep: dict, out: Path) -> list[str]:
     return written
 
 
-def _json_safe(obj: object) -> object:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def compare(
     cfg: RankerConfig, out: str | Path, seeds: int = 3, weightings: Sequence[str] | None = None,
     progress: bool = True, source: str = "", affinity: AffinitySettings | None = None,
@@ -590,5 +581,5 @@ def write_report(rep: dict, out: Path) -> None:
     """report.json, report.md and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(rep, out)
-    (out / "report.json").write_text(json.dumps(_json_safe(rep), indent=2, allow_nan=False))
+    (out / "report.json").write_text(json.dumps(json_safe(rep), indent=2, allow_nan=False))
     (out / "report.md").write_text(render_markdown(rep, plots))
