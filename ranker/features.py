@@ -96,6 +96,25 @@ def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
+def _values_and_validity(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    """A flat fixed-width integer array's stored values and its validity as numpy, read from
+    the Arrow buffers without a compute call: ((N,) values, (N,) bool valid, or None when the
+    array has no nulls). A null slot's value is whatever the buffer holds there.
+
+    Example:
+        >>> v, ok = _values_and_validity(pa.array([3, None, 5], pa.int32()))
+        >>> v[ok].tolist(), ok.tolist()
+        ([3, 5], [True, False, True])
+    """
+    validity, data = arr.buffers()[:2]
+    n, off = len(arr), arr.offset
+    values = np.frombuffer(data, dtype=arr.type.to_pandas_dtype(), count=off + n)[off:]
+    if not arr.null_count or validity is None:
+        return values, None
+    bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+    return values, bits[off : off + n].astype(bool)
+
+
 def _distinct_hashes(values: pa.Array, kind: ValueKind) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Dictionary-encode ``values`` (nulls get an entry of their own) and hash each distinct
     value once: ((N,) int64 codes, (U,) uint64 hashes, the null entry's code or None)."""
@@ -163,9 +182,15 @@ def bucket_values(arrays: Sequence[pa.Array | pa.ChunkedArray], kinds: Sequence[
                 seg = run[bounds[m] - bounds[j] : bounds[m + 1] - bounds[j]]
                 if pa.types.is_dictionary(flat[i].type):  # the dictionary's buckets, by its indices
                     idx = flat[i].indices
-                    seg = seg[pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)] if len(seg) else np.zeros(len(idx), dtype=np.int64)
-                    if idx.null_count:
-                        seg[np.asarray(idx.is_null())] = MISSING
+                    if not len(seg):
+                        seg = np.zeros(len(idx), dtype=np.int64)
+                    else:
+                        codes_i, valid = _values_and_validity(idx)
+                        if valid is None:
+                            seg = seg[codes_i]
+                        else:  # a null slot's stored index is undefined: read entry 0, then MISSING
+                            seg = seg[np.where(valid, codes_i, 0)]
+                            seg[~valid] = MISSING
                 out[i] = seg
             j = k
     return out
@@ -376,6 +401,34 @@ class Featurizer:
         z = (x - mean) / std
         return np.clip(np.nan_to_num(z, nan=0.0), -DENSE_CLIP, DENSE_CLIP).astype(np.float32)
 
+    def _dense_matrix(self, data: pa.Table | pa.RecordBatch, names: set[str], n: int) -> np.ndarray:
+        """(n, D) float32 of the dense inputs. Embedded encodings go column by column; the
+        standardised columns are scaled, cleaned and clipped as one (n, k) matrix, which gives
+        the same float32 values as ``encode_dense`` column by column with a fraction of the
+        per-column numpy calls."""
+        dense = self.dense
+        den = np.zeros((n, len(dense)), dtype=np.float32)
+        std_cols: list[int] = []
+        for j, f in enumerate(dense):
+            if f.source not in names:
+                if f.embedded:
+                    den[:, j] = np.nan  # absent = missing, which embedded encodings keep apart
+            elif f.embedded:
+                den[:, j] = self.encode_dense(f, data.column(f.source))
+            else:
+                std_cols.append(j)
+        if std_cols:
+            x = np.empty((n, len(std_cols)), dtype=np.float64)
+            for k, j in enumerate(std_cols):
+                x[:, k] = _dense_values(data.column(dense[j].source), dense[j].encoding)
+            stats = np.array([self.dense_stats[dense[j].name] for j in std_cols], dtype=np.float64)  # (k, 2) mean, std
+            x -= stats[:, 0]
+            x /= stats[:, 1]
+            x[np.isnan(x)] = 0.0
+            np.clip(x, -DENSE_CLIP, DENSE_CLIP, out=x)
+            den[:, std_cols] = x
+        return den
+
     def transform(self, data: pa.Table | pa.RecordBatch, bias: bool = True) -> Batch:
         """Featurize every row of ``data`` column-wise; columns absent from ``data`` count as
         all-missing (serving may omit features; training checks the schema beforehand).
@@ -401,14 +454,7 @@ class Featurizer:
             cat[:, j] = values
         out["cat"] = torch.from_numpy(cat)
 
-        dense = self.dense
-        den = np.zeros((n, len(dense)), dtype=np.float32)
-        for j, f in enumerate(dense):
-            if f.source in names:
-                den[:, j] = self.encode_dense(f, data.column(f.source))
-            elif f.embedded:
-                den[:, j] = np.nan  # absent = missing, which embedded encodings keep apart
-        out["dense"] = torch.from_numpy(den)
+        out["dense"] = torch.from_numpy(self._dense_matrix(data, names, n))
 
         bag_values = dict(zip(bag_cols, bucketed[len(cols) :], strict=True))
         for f in bags:
