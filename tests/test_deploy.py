@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from ranker.quality import QualitySums
+from ranker.serving.settings import ServingSettings
 from tests.promhelpers import (
     CONTRACT_SERIES,
     DASHBOARD,
@@ -538,6 +539,19 @@ def test_k8s_deployment(name: str, docker_commands: tuple[Any, ...]) -> None:
     # the pod's user is the image's user
     image_user = [c.value[0] for c in _final_stage(docker_commands) if c.cmd == "USER"][-1]
     assert str(template["spec"]["securityContext"]["runAsUser"]) == image_user.split(":")[0]
+
+
+def test_k8s_cpu_deployment_runs_a_worker_per_cpu() -> None:
+    """The CPU pods run one worker process per CPU of their limit (settings the server accepts),
+    with a writable /tmp for the workers' metric files under a read-only root."""
+    c = _container(_k8s("deployment.yaml"))
+    env = {e["name"]: e["value"] for e in c["env"]}
+    s = ServingSettings.from_env(env)
+    assert s.workers == int(c["resources"]["limits"]["cpu"]) > 1
+    # one request per worker and one torch thread each, whatever CPU count the node reports
+    assert s.concurrency == 1 and s.torch_threads == 1 and s.intra_op_threads == 1
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["tmp"] == "/tmp"
 
 
 def test_k8s_gpu_and_cpu_differ_only_where_they_should() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ranker.bundle import load_bundle
 from ranker.reference import assign_bins, psi
-from tests.serving_fixtures import TASKS, mmoe_bundle, ranker_serve, serving_data
+from tests.serving_fixtures import (
+    TASKS,
+    mmoe_bundle,
+    ranker_serve,
+    serving_data,
+    shared_bottom_bundle,
+)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -147,3 +154,54 @@ def test_workers_listening_socket_gets_nodelay_connections() -> None:
 
     asyncio.run(main())
     assert seen and seen[0] != 0
+
+
+def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: Path) -> None:
+    """With several workers a bundle is swapped by pointing the served path at it and sending
+    SIGHUP: the supervisor replaces the workers one by one, each new one loads what the path
+    names, requests keep being answered meanwhile, and the metrics name only the new model."""
+    mdir = tmp_path / "metrics"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16"}
+    old, new = load_bundle(mmoe_bundle()), load_bundle(shared_bottom_bundle())
+    assert old.version != new.version
+    current = tmp_path / "current"
+    current.symlink_to(mmoe_bundle())
+    versions: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    with ranker_serve(current, tmp_path / "serve.log", "--workers", "2", "--concurrency", "1", env=env) as url:
+        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)
+        first = live_gauge_pids(mdir)
+        (supervisor,) = {int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in first}  # their parent
+
+        def load() -> None:  # a fresh connection per request: whichever worker is listening takes it
+            while not stop.is_set():
+                try:
+                    r = httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}, headers={"Connection": "close"}, timeout=30)
+                    versions.append(r.headers.get("X-Model-Version", "")) if r.status_code == 200 else failures.append(str(r.status_code))
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+
+        client = threading.Thread(target=load)
+        client.start()
+        try:
+            wait_for(lambda: len(versions) >= 5)
+            current.unlink()
+            current.symlink_to(shared_bottom_bundle())
+            os.kill(supervisor, signal.SIGHUP)
+            wait_for(lambda: (tmp_path / "serve.log").read_text().count("replaced by") == 2, timeout=180)
+            n = len(versions)
+            wait_for(lambda: len(versions) >= n + 10)
+        finally:
+            stop.set()
+            client.join()
+        m = scrape(url)
+        live = live_gauge_pids(mdir)  # after a scrape: the replaced workers' live gauges dropped
+    assert versions[0] == old.version and set(versions[n:]) == {new.version}  # every worker replaced
+    assert set(versions) == {old.version, new.version}
+    assert len(live) == 2 and not live & first
+    assert value(m, "ranker_model_info", version=new.version, architecture="shared_bottom") == 1
+    assert ("ranker_model_info", (("architecture", "mmoe"), ("version", old.version))) not in m  # the old workers' live gauge gone
+    assert value(m, "ranker_ready") == 1
+    assert value(m, "ranker_requests_total", status="2xx") == len(versions)  # counts kept across the roll
+    assert not failures, failures[:5]
