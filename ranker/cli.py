@@ -42,6 +42,13 @@ def _cmd_init(a: argparse.Namespace) -> None:
     print(f"wrote {path} ({len(cfg['features'])} features, {len(cfg['tasks'])} tasks); train with: ranker train --config {path} --out bundle")
 
 
+def _print_json(obj: object) -> None:
+    """Strict JSON on stdout: an undefined figure (NaN: an AUC over one class) is null."""
+    from ranker.bundle import json_safe
+
+    print(json.dumps(json_safe(obj), indent=2, allow_nan=False))
+
+
 def _cmd_train(a: argparse.Namespace) -> None:
     from ranker.config import load_config
     from ranker.training.trainer import Trainer, format_metrics
@@ -52,7 +59,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     if not trainer.ranks.is_main:  # under torchrun rank 0 alone reports
         return
     if a.json:
-        print(json.dumps({"bundle": str(result.bundle), "version": result.version, **result.metrics}, indent=2))
+        _print_json({"bundle": str(result.bundle), "version": result.version, **result.metrics})
         return
     m = result.metrics
     print(f"best epoch {m['best_epoch']}; training throughput {m['throughput']['train_rows_per_second']:,.0f} rows/s")
@@ -79,7 +86,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     # a second pass, in bounded memory: the figures the production feedback rules compute
     mon = monitoring_figures(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, b.reference)
     if a.json:
-        print(json.dumps({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon}, indent=2))
+        _print_json({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon})
     else:
         print(f"{a.data} on bundle {b.version}:")
         print("\n".join(format_metrics(res.metrics)))

@@ -48,6 +48,17 @@ def test_evaluate_prints_the_same_metrics_as_training(tiny_bundle: Path, tiny_lo
     assert code == 0 and "ctr" in out and "auc=" in out
 
 
+def test_evaluate_json_is_strict_when_a_metric_is_undefined(tiny_bundle: Path, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t = pq.read_table(tiny_logs.parent / "test")
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, t.schema.field("click").type))
+    pq.write_table(t, tmp_path / "no_clicks.parquet")  # one class only: ctr's AUC is undefined
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "no_clicks.parquet"), "--json"], capsys)
+    assert code == 0
+    got = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the output"))
+    assert got["metrics"]["ctr"]["auc"] is None
+    assert isinstance(got["metrics"]["watch"]["rmse"], float)
+
+
 def test_train_cli_prints_metrics_and_bundle(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=1))
     code, out, _ = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
