@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ranker.config import ModelConfig
+from ranker.config import ARCHITECTURE_NAMES, ModelConfig
 from ranker.errors import RankerError
 from ranker.model.film import FiLM
 from ranker.model.trunks.cross_stitch import CrossStitch
@@ -27,6 +27,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "ple": PLE,
     "cross_stitch": CrossStitch,
 }
+# the config validates names before any model exists (and cannot import the model): one list
+if tuple(ARCHITECTURES) != ARCHITECTURE_NAMES:
+    raise ImportError(f"trunk registry {tuple(ARCHITECTURES)} differs from config.ARCHITECTURE_NAMES {ARCHITECTURE_NAMES}")
 
 
 def build_trunk(cfg: ModelConfig, in_dim: int, tasks: Sequence[str]) -> nn.Module:
