@@ -36,7 +36,7 @@ def synthetic(k: int, rows: int, seed: int = 0) -> tuple[object, pa.Table]:
 
     rng = np.random.default_rng(seed)
     feats = [FeatureSpec(name=f"s{i}", type="categorical", buckets=1000, dim=8) for i in range(k)]
-    feats += [FeatureSpec(name=f"x{i}", type="dense") for i in range(6)]
+    feats += [FeatureSpec(name=f"x{i}", type="dense", encoding="standard") for i in range(6)]  # standardised: no edges to fit
     table = pa.table({**{f"s{i}": pa.array([f"v{v}" for v in rng.integers(0, 100, rows)]) for i in range(k)},
                       **{f"x{i}": pa.array(rng.normal(size=rows)) for i in range(6)}})
     return Featurizer(feats, {f"s{i}": "str" for i in range(k)}, {f"x{i}": (0.0, 1.0) for i in range(6)}), table
