@@ -96,6 +96,10 @@ def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
+_NUMPY_INT = {pa.int8().id: np.int8, pa.int16().id: np.int16, pa.int32().id: np.int32, pa.int64().id: np.int64,
+              pa.uint8().id: np.uint8, pa.uint16().id: np.uint16, pa.uint32().id: np.uint32, pa.uint64().id: np.uint64}
+
+
 def _values_and_validity(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
     """A flat fixed-width integer array's stored values and its validity as numpy, read from
     the Arrow buffers without a compute call: ((N,) values, (N,) bool valid, or None when the
@@ -108,7 +112,7 @@ def _values_and_validity(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
     """
     validity, data = arr.buffers()[:2]
     n, off = len(arr), arr.offset
-    values = np.frombuffer(data, dtype=arr.type.to_pandas_dtype(), count=off + n)[off:]
+    values = np.frombuffer(data, dtype=_NUMPY_INT[arr.type.id], count=off + n)[off:]
     if not arr.null_count or validity is None:
         return values, None
     bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
@@ -401,7 +405,7 @@ class Featurizer:
         z = (x - mean) / std
         return np.clip(np.nan_to_num(z, nan=0.0), -DENSE_CLIP, DENSE_CLIP).astype(np.float32)
 
-    def _dense_matrix(self, data: pa.Table | pa.RecordBatch, names: set[str], n: int) -> np.ndarray:
+    def _dense_matrix(self, columns: dict[str, pa.Array | pa.ChunkedArray], n: int) -> np.ndarray:
         """(n, D) float32 of the dense inputs. Embedded encodings go column by column; the
         standardised columns are scaled, cleaned and clipped as one (n, k) matrix, which gives
         the same float32 values as ``encode_dense`` column by column with a fraction of the
@@ -410,17 +414,17 @@ class Featurizer:
         den = np.zeros((n, len(dense)), dtype=np.float32)
         std_cols: list[int] = []
         for j, f in enumerate(dense):
-            if f.source not in names:
+            if f.source not in columns:
                 if f.embedded:
                     den[:, j] = np.nan  # absent = missing, which embedded encodings keep apart
             elif f.embedded:
-                den[:, j] = self.encode_dense(f, data.column(f.source))
+                den[:, j] = self.encode_dense(f, columns[f.source])
             else:
                 std_cols.append(j)
         if std_cols:
             x = np.empty((n, len(std_cols)), dtype=np.float64)
             for k, j in enumerate(std_cols):
-                x[:, k] = _dense_values(data.column(dense[j].source), dense[j].encoding)
+                x[:, k] = _dense_values(columns[dense[j].source], dense[j].encoding)
             stats = np.array([self.dense_stats[dense[j].name] for j in std_cols], dtype=np.float64)  # (k, 2) mean, std
             x -= stats[:, 0]
             x /= stats[:, 1]
@@ -435,17 +439,18 @@ class Featurizer:
         ``bias=False`` leaves out the bias features (serving: the model does not use them)."""
         n = data.num_rows
         out: Batch = {}
-        names = set(data.schema.names)
+        columns = dict(zip(data.schema.names, data.columns, strict=True))  # by name: one lookup each
+        names = columns.keys()
 
         # every hashed column at once (``bucket_values``): categorical and multi-hot values share
         # one dictionary encoding per value kind, so each distinct value is hashed once
         cats = self.categorical
         bags = self.multi_hot
         cols = [(j, f) for j, f in enumerate(cats) if f.source in names]
-        bag_cols = {f.name: _flat(data.column(f.source)) for f in bags if f.source in names}
+        bag_cols = {f.name: _flat(columns[f.source]) for f in bags if f.source in names}
         hashed = [f for _, f in cols] + [f for f in bags if f.name in bag_cols]
         bucketed = bucket_values(
-            [data.column(f.source) for _, f in cols] + [pc.list_flatten(c) for c in bag_cols.values()],
+            [columns[f.source] for _, f in cols] + [pc.list_flatten(c) for c in bag_cols.values()],
             [self.kinds[f.name] for f in hashed],
             [f.buckets for f in hashed],  # type: ignore[misc]
         )
@@ -454,13 +459,13 @@ class Featurizer:
             cat[:, j] = values
         out["cat"] = torch.from_numpy(cat)
 
-        out["dense"] = torch.from_numpy(self._dense_matrix(data, names, n))
+        out["dense"] = torch.from_numpy(self._dense_matrix(columns, n))
 
         bag_values = dict(zip(bag_cols, bucketed[len(cols) :], strict=True))
         for f in bags:
             out[f"bag:{f.name}"] = self._bag(bag_cols.get(f.name), bag_values.get(f.name), f, n)
         for f in self.bias_features if bias else ():
-            out[f"bias:{f.name}"] = self._bias(data.column(f.source) if f.source in names else None, f, n)
+            out[f"bias:{f.name}"] = self._bias(columns.get(f.source), f, n)
         return out
 
     def _bias(self, col: pa.Array | pa.ChunkedArray | None, f: FeatureSpec, n: int) -> torch.Tensor:
