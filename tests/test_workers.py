@@ -54,6 +54,12 @@ def wait_for(cond, timeout: float = 90.0) -> None:  # noqa: ANN001
         time.sleep(0.3)
 
 
+def wait_all_ready(url: str, mdir: Path, workers: int) -> None:
+    """Every worker up and warm: ``ranker_ready`` is the minimum over the workers that have
+    written their gauge, so it reads 1 with one warm worker while another is still starting."""
+    wait_for(lambda: len(live_gauge_pids(mdir)) == workers and value(scrape(url), "ranker_ready") == 1)
+
+
 def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Path) -> None:
     mdir = tmp_path / "metrics"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16", "RANKER_ADMIN_TOKEN": "t"}
@@ -63,7 +69,7 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
     first, second = rows[:30], rows[30:]
     with ranker_serve(mmoe_bundle(), tmp_path / "serve.log", "--workers", "2", "--concurrency", "1", env=env) as url:
         assert httpx.post(f"{url}/admin/reload", json={"bundle": str(mmoe_bundle())}, headers={"Authorization": "Bearer t"}).status_code == 409
-        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)  # /readyz answered from one worker; now both
+        wait_all_ready(url, mdir, 2)  # /readyz answered from one worker; now both
         assert value(scrape(url), "ranker_requests_total", status="2xx") == 0
         # batch 1 on one keep-alive connection: one worker serves it all
         with httpx.Client(base_url=url, timeout=30) as c:
@@ -113,7 +119,7 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
         assert not score_pids(mdir) and served not in {int(f.stem.rsplit("_", 1)[1]) for f in mdir.glob("*.db")}
         # each worker has its own SO_REUSEPORT socket: 32 connections opened at once reach both
         # (all on one would happen with probability 2**-31 for a fair spread)
-        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)
+        wait_all_ready(url, mdir, 2)
 
         async def burst() -> None:
             clients = [httpx.AsyncClient(base_url=url, timeout=60) for _ in range(32)]
@@ -170,7 +176,7 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
     failures: list[str] = []
     stop = threading.Event()
     with ranker_serve(current, tmp_path / "serve.log", "--workers", "2", "--concurrency", "1", env=env) as url:
-        wait_for(lambda: value(scrape(url), "ranker_ready") == 1)
+        wait_all_ready(url, mdir, 2)
         first = live_gauge_pids(mdir)
         (supervisor,) = {int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in first}  # their parent
 
