@@ -73,7 +73,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from ranker.bundle import load_bundle
     from ranker.training.data import Loader, ParquetSource, label_columns
-    from ranker.training.monitoring import monitoring_figures
+    from ranker.training.monitoring import FeedbackFigures
     from ranker.training.trainer import EVAL_BATCH, evaluate, format_metrics
 
     b = load_bundle(a.bundle)
@@ -82,9 +82,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     src = ParquetSource(a.data, "--data", cols)
     assert src.schema is not None
     featurizer.check_compatible(src.schema, str(src.files[0]))
-    res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks)
-    # a second pass, in bounded memory: the figures the production feedback rules compute
-    mon = monitoring_figures(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, b.reference)
+    feedback = FeedbackFigures(b.config.tasks, b.reference)  # the figures the production feedback rules compute
+    res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, observe=feedback.add)
+    mon = feedback.figures()
     if a.json:
         _print_json({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon})
     else:

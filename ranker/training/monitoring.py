@@ -20,6 +20,28 @@ from ranker.quality import QualitySums
 from ranker.training.data import Loader
 
 
+class FeedbackFigures:
+    """The feedback rules' sums of every task, fed one batch of labels and scores at a time.
+
+    Args:
+        tasks: the bundle's task specs.
+        reference: the bundle's reference histograms (``{task: {"edges": [...], ...}}``).
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec], reference: Mapping[str, Mapping[str, list[float]]]) -> None:
+        self.sums = {t.name: QualitySums(t.type, reference[t.name]["edges"] if t.type == "binary" else []) for t in tasks}
+
+    def add(self, labels: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]) -> None:
+        """One batch: per task its (B,) labels (NaN where a row has none) and (B,) scores."""
+        for name, s in self.sums.items():
+            y = labels[name]
+            valid = ~np.isnan(y)
+            s.add(y[valid], scores[name][valid])
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        return {t: s.figures() for t, s in self.sums.items()}
+
+
 def monitoring_figures(
     model: MultiTaskRanker, loader: Loader, tasks: Sequence[TaskSpec], reference: Mapping[str, Mapping[str, list[float]]]
 ) -> dict[str, dict[str, float]]:
@@ -31,19 +53,19 @@ def monitoring_figures(
         tasks: the bundle's task specs.
         reference: the bundle's reference histograms (``{task: {"edges": [...], ...}}``).
 
+    ``ranker evaluate`` gets the same figures in its metrics pass instead (``FeedbackFigures``
+    as ``evaluate``'s observer), reading the data once.
+
     Example:
         >>> from ranker.bundle import load_bundle  # doctest: +SKIP
         >>> b = load_bundle("runs/bundle")  # doctest: +SKIP
         >>> monitoring_figures(b.model, loader, b.config.tasks, b.reference)["ctr"]["ne"]  # doctest: +SKIP
         0.87
     """
-    sums = {t.name: QualitySums(t.type, reference[t.name]["edges"] if t.type == "binary" else []) for t in tasks}
+    figures = FeedbackFigures(tasks, reference)
     model.eval()
     with torch.inference_mode():
         for batch in loader():
             out = model.predict(batch)  # {task: (B,)}
-            for t in tasks:
-                y = batch[f"label:{t.name}"].numpy()
-                valid = ~np.isnan(y)
-                sums[t.name].add(y[valid], out[t.name].numpy()[valid])
-    return {t: s.figures() for t, s in sums.items()}
+            figures.add({t.name: batch[f"label:{t.name}"].numpy() for t in tasks}, {t.name: out[t.name].numpy() for t in tasks})
+    return figures.figures()

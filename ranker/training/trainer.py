@@ -99,10 +99,13 @@ def evaluate(
     tasks: list[TaskSpec],
     ranks: Collective | None = None,
     units: list[Unit] | None = None,
+    observe: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
 ) -> EvalResult:
     """Metrics over each task's labelled rows and reference scores, in bounded memory
     (``ranker.training.evaluation``). With ``ranks``, each rank scores ``units`` and the result
-    covers every rank's rows; all ranks must call it."""
+    covers every rank's rows; all ranks must call it. ``observe``, if given, also gets every
+    batch's labels and scores per task (NaN labels included), so more figures need no second
+    pass over the data."""
     ranks = ranks or Collective.single(torch.device("cpu"))
     device = next(model.parameters()).device
     model.eval()
@@ -111,8 +114,12 @@ def evaluate(
     with torch.inference_mode():
         for batch in loader(units=units):
             out = model.predict(to_device(batch, device), names)
-            for t in tasks:
-                accs[t.name].update(batch[f"label:{t.name}"].numpy(), out[t.name].float().cpu().numpy())
+            labels = {t: batch[f"label:{t}"].numpy() for t in names}
+            scores = {t: out[t].float().cpu().numpy() for t in names}
+            for t in names:
+                accs[t].update(labels[t], scores[t])
+            if observe is not None:
+                observe(labels, scores)
     metrics, scores = {}, {}
     for t in tasks:
         metrics[t.name], scores[t.name] = accs[t.name].result(ranks)
