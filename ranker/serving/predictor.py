@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ranker.bundle import MANIFEST, Bundle, load_bundle, probe
+from ranker.device import resolve_device
 from ranker.errors import RankerError
 from ranker.features import Batch, bag_pads
 from ranker.model import MultiTaskRanker
@@ -31,7 +32,7 @@ from ranker.serving.errors import RequestError
 from ranker.serving.formats import JSON_WIRE, WireFormat
 from ranker.serving.parsing import RequestParser
 from ranker.serving.schemas import FeatureInfo, ModelInfo, TaskInfo
-from ranker.serving.settings import ServingSettings, resolve_device
+from ranker.serving.settings import ServingSettings
 
 
 class CpuEvent:
@@ -289,7 +290,7 @@ def load_model(source: Bundle | str | Path, settings: ServingSettings, warm: boo
     try:
         bundle = source if isinstance(source, Bundle) else load_bundle(path)
         probe(bundle)  # on the CPU, where load_bundle put it
-        device = resolve_device(settings.device)
+        device = resolve_device(settings.device, "serve: --device")
         bundle.model.to(device).eval()
         cuda = device.type == "cuda"
         timer = StageTimer(bundle.model, functools.partial(torch.cuda.Event, enable_timing=True) if cuda else CpuEvent)

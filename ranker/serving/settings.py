@@ -117,10 +117,3 @@ class ServingSettings(BaseModel):
             name = str(err["loc"][0]) if err["loc"] else "settings"
             where = origin.get(name, name)
             raise RankerError(f"serve: {where}: {err['msg'].removeprefix('Value error, ')}") from None
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` picks CUDA when torch sees a device, the CPU otherwise."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)

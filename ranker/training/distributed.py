@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ranker.device import resolve_device
 from ranker.errors import RankerError
 
 
@@ -61,7 +62,7 @@ class Collective:
         Raises:
             RankerError: CUDA asked for but absent, or the rendezvous fails.
         """
-        device = resolve_device(device_choice)
+        device = resolve_device(device_choice, "train.device")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls.single(device)
@@ -155,10 +156,3 @@ class Collective:
             dist.destroy_process_group()
 
 
-def resolve_device(choice: str) -> torch.device:
-    """``auto``: CUDA when torch sees a device, else the CPU; ``cuda`` without one is an error."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RankerError("train.device: 'cuda' was asked for but torch sees no CUDA device; use auto or cpu")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
