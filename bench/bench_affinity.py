@@ -18,6 +18,7 @@ import time
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ranker.config import load_config
@@ -41,6 +42,7 @@ def main() -> int:
 
     out = Path(args.out)
     sym: dict[float, dict[str, float]] = {}
+    per_seed: dict[float, dict[str, np.ndarray]] = {}
     for p in args.correlations:
         path = write_synthetic(out / "data" / f"p{p:g}", rows=args.rows, seed=0, task_correlation=p)
         raw = yaml.safe_load(path.read_text())
@@ -60,14 +62,23 @@ def main() -> int:
             print(f"{i:<18}" + "".join(f"{a['matrix'][i][j]:>+12.2e} ± {a['se'][i][j]:.1e}" for j in names))
         sym[p] = {f"{i}/{j}": (a["matrix"][i][j] + a["matrix"][j][i]) / 2 for i, j in combinations(names, 2)}
         print("symmetric: " + ", ".join(f"{k} {v:+.2e}" for k, v in sym[p].items()))
+        seeds = next(r for r in rep["multi"] if r["variant"] == a["variant"])["affinity"]["by_seed"]  # its runs, one per seed
+        per_seed[p] = {f"{i}/{j}": np.array([(z[i][j] + z[j][i]) / 2 for z in seeds]) for i, j in combinations(names, 2)}
+        print("symmetric per seed: " + ", ".join(f"{k} " + "/".join(f"{x:+.2e}" for x in v) for k, v in per_seed[p].items()))
         print("compare: " + ", ".join(f"{t} {v['verdict']} ({v['change_pct']:+.2f}%, worst seed {v['worst_seed_change_pct']:+.2f}%)"
                                       for t, v in rep["multi"][0]["tasks"].items()))
         print("recommendation: " + ", ".join(f"{t} {r['action']}" for t, r in rep["recommendations"].items()) + "\n", flush=True)
     if len(sym) >= 2:
         hi, lo = max(sym), min(sym)
         print(f"pair affinity, correlation {hi:g} vs {lo:g}:")
+        def over_seeds(v: np.ndarray) -> str:
+            se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+            return f"{v.mean():+.2e} ± {se:.1e}"
+
+        print(f"pair affinity (pooled steps; mean ± SE over {args.seeds} seeds' own means):")
         for k in sym[hi]:
-            print(f"  {k:<12} {sym[hi][k]:+.2e} vs {sym[lo][k]:+.2e}  {'higher' if sym[hi][k] > sym[lo][k] else 'NOT higher'}")
+            print(f"  {k:<12} {sym[hi][k]:+.2e} vs {sym[lo][k]:+.2e}  ({over_seeds(per_seed[hi][k])} vs {over_seeds(per_seed[lo][k])})  "
+                  f"{'higher' if sym[hi][k] > sym[lo][k] else 'NOT higher'} in {int((per_seed[hi][k] > per_seed[lo][k]).sum())} of {args.seeds} seeds")
     return 0
 
 
