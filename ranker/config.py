@@ -259,13 +259,18 @@ class CheckpointConfig(_Strict):
 
 
 class TaskSampling(_Strict):
-    """Which source each training batch comes from when tasks read different data
+    """How training batches draw on the sources when tasks read different data
     (``ranker.training.sources``): rates from the sources' train rows n_s. proportional:
     n_s / sum n; uniform: 1 / sources; temperature: n_s^(1/T) normalised (T5's rule: T = 1 is
-    proportional, large T tends to uniform)."""
+    proportional, large T tends to uniform). ``mix`` says whether a rate is a share of every
+    batch's rows or a share of the steps."""
 
     strategy: str = "proportional"
     temperature: float | None = Field(default=None, gt=0)  # T: set with the temperature strategy only
+    # how the rates apply: rows = every batch holds rows of every source, a sub-batch of
+    # round(r_s * batch_size) rows each (under proportional rates, a batch of the pooled logs);
+    # batches = every batch is one source's, source s supplying a share r_s of the steps
+    mix: Literal["rows", "batches"] = "rows"
 
     @field_validator("strategy")
     @classmethod

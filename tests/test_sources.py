@@ -17,7 +17,16 @@ import yaml
 from ranker.config import TaskSampling, load_config, parse_config
 from ranker.errors import RankerError
 from ranker.training.checkpoint import checkpoints, load_latest
-from ranker.training.sources import SAMPLERS, quotas, sampling_rates, schedule, task_sources
+from ranker.training.sources import (
+    SAMPLERS,
+    plan_steps,
+    quotas,
+    sampling_rates,
+    schedule,
+    sub_batches,
+    task_sources,
+)
+from ranker.training.trainer import Trainer
 from tests.datagen import CONFIG, write_logs
 from tests.test_distributed import (
     SMALL,
@@ -58,12 +67,28 @@ def test_quotas_and_schedule() -> None:
     assert schedule(np.array([1.0]), 5, seed=3, epoch=0).tolist() == [0] * 5
 
 
+def test_sub_batches_and_step_plans() -> None:
+    rates = np.array([0.62, 0.27, 0.11])
+    assert sub_batches(rates, 100).tolist() == [62, 27, 11]
+    assert sub_batches(rates, 1000).sum() == 1000
+    # a source the rounding would leave out still gets a row, taken from the largest
+    assert sub_batches(np.array([0.998, 0.001, 0.001]), 64).tolist() == [62, 1, 1]
+    with pytest.raises(RankerError, match=r"train\.batch_size: 2 rows cannot hold a sub-batch of each of 3 sources"):
+        sub_batches(rates, 2)
+    rows = plan_steps(rates, 50, seed=1, epoch=0, mix="rows")
+    assert rows.shape == (50, 3) and rows.all()  # every step draws on every source
+    one = plan_steps(rates, 100, seed=1, epoch=0, mix="batches")
+    assert (one.sum(1) == 1).all() and one.sum(0).tolist() == [62, 27, 11]
+    assert np.array_equal(one.argmax(1), schedule(rates, 100, seed=1, epoch=0))
+
+
 def test_sampling_config_errors_name_the_key(tmp_path: Path) -> None:
     base = {"data": {"train": "t", "val": "v"}, **CONFIG}
     for sampling, msg in [({"strategy": "nope"}, "train.task_sampling.strategy: unknown strategy 'nope'"),
                           ({"strategy": "temperature"}, "train.task_sampling: temperature"),
                           ({"temperature": 2.0}, "train.task_sampling: temperature"),
-                          ({"strategy": "temperature", "temperature": 0}, "train.task_sampling.temperature")]:
+                          ({"strategy": "temperature", "temperature": 0}, "train.task_sampling.temperature"),
+                          ({"mix": "pooled"}, "train.task_sampling.mix: Input should be 'rows' or 'batches'")]:
         raw = {**base, "train": {**base["train"], "task_sampling": sampling}}
         with pytest.raises(RankerError, match=msg.replace("[", r"\[").replace(".", r"\.")):
             parse_config(raw, "c.yaml")
@@ -115,17 +140,46 @@ def _rows(folder: Path) -> int:
 
 
 def test_each_task_trains_and_is_validated_on_its_own_source(tmp_path: Path) -> None:
+    """The default mix (rows): every batch holds a sub-batch of each log at the proportional
+    rates, so each task's loss sees its own rows on every step."""
     cfg_path = split_logs(tmp_path, conv_val_share=0.5)
     cfg = load_config(cfg_path)
+    assert cfg.train.task_sampling.mix == "rows"
     srcs = task_sources(cfg)
     assert [(s.name, [t.name for t in s.tasks]) for s in srcs] == [("data", ["ctr", "watch"]), ("tasks[cvr].data", ["cvr"])]
-    metrics = _train(cfg_path, tmp_path / "b")
+    trainer = Trainer(cfg, progress=False, log=lambda s: None)
+    seen: list[tuple[int, int, int, list[str]]] = []  # rows, ctr labels, cvr labels, losses per step
+    trainer.step_hooks.append(lambda model, batch, losses, step: seen.append((
+        len(batch["cat"]), int((~batch["label:ctr"].isnan()).sum()), int((~batch["label:cvr"].isnan()).sum()), sorted(losses))))
+    metrics = trainer.run(tmp_path / "b").metrics
     # cvr: measured on its own (half) val log, ctr and watch on the click log
     assert metrics["val"]["cvr"]["count"] == _rows(tmp_path / "conv" / "val")
     assert metrics["val"]["ctr"]["count"] == _rows(tmp_path / "clicks" / "val") == 750
     assert metrics["test"]["cvr"]["count"] == _rows(tmp_path / "conv" / "test")
     assert list(metrics["val"]) == ["ctr", "cvr", "watch"]
     assert metrics["val"]["ctr"]["auc"] > 0.6 and metrics["val"]["cvr"]["auc"] > 0.55
+    # the epoch: as many rows as one pass over both logs, every step drawing on both
+    n_click, n_conv = _rows(tmp_path / "clicks" / "train"), _rows(tmp_path / "conv" / "train")
+    b_click, b_conv = sub_batches(np.array([n_click, n_conv]) / (n_click + n_conv), 256).tolist()
+    assert b_conv >= 10 and b_click + b_conv == 256
+    steps = -(-(-(-n_click // b_click) * b_click + -(-n_conv // b_conv) * b_conv) // 256)
+    for h in metrics["history"]:
+        got = h["sources"]
+        assert got["data"]["batches"] == got["tasks[cvr].data"]["batches"] == steps
+        assert (got["data"]["rows"], got["tasks[cvr].data"]["rows"]) == (b_click, b_conv)
+        assert got["tasks[cvr].data"]["rate"] == pytest.approx(n_conv / (n_click + n_conv))
+    assert len(seen) == 2 * steps and all(s[3] == ["ctr", "cvr", "watch"] for s in seen)
+    # a full step: b_click rows labelled for ctr, b_conv for cvr (a pass's last sub-batch may be short)
+    assert sum(s[1:3] == (b_click, b_conv) and s[0] == 256 for s in seen) >= len(seen) - 4
+    assert all(s[1] <= b_click and 0 < s[2] <= b_conv and s[0] == s[1] + s[2] for s in seen)
+
+
+def test_batches_mix_draws_one_source_per_step(tmp_path: Path) -> None:
+    cfg_path = _with(split_logs(tmp_path), "batches.yaml", task_sampling={"strategy": "proportional", "mix": "batches"})
+    trainer = Trainer(load_config(cfg_path), progress=False, log=lambda s: None)
+    seen: list[list[str]] = []
+    trainer.step_hooks.append(lambda model, batch, losses, step: seen.append(sorted(losses)))
+    metrics = trainer.run(tmp_path / "b").metrics
     # the epoch: one pass over both sources' batches, split by the proportional rates
     n_click, n_conv = _rows(tmp_path / "clicks" / "train"), _rows(tmp_path / "conv" / "train")
     steps = -(-n_click // 256) + -(-n_conv // 256)
@@ -133,7 +187,24 @@ def test_each_task_trains_and_is_validated_on_its_own_source(tmp_path: Path) -> 
         got = h["sources"]
         assert got["data"]["batches"] + got["tasks[cvr].data"]["batches"] == steps
         assert got["tasks[cvr].data"]["batches"] == quotas(np.array([n_click, n_conv]) / (n_click + n_conv), steps)[1]
-        assert got["tasks[cvr].data"]["rate"] == pytest.approx(n_conv / (n_click + n_conv))
+        assert got["tasks[cvr].data"]["rows"] == 256
+    # a step's loss covers one source's tasks
+    assert sorted({tuple(s) for s in seen}) == [("ctr", "watch"), ("cvr",)]
+    assert sum(s == ["cvr"] for s in seen) == 2 * got["tasks[cvr].data"]["batches"]
+
+
+def test_one_source_trains_alike_under_either_mix(tmp_path: Path) -> None:
+    """With one source both mixes are the single-source trainer: byte-identical weights."""
+    write_logs(tmp_path, rows=1500)
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    raw["model"] = {**raw["model"], **SMALL}
+    raw["train"] = {**raw["train"], "threads": 1, "epochs": 1, "diagnostics_batches": 0}
+    for mix in ("rows", "batches"):
+        raw["train"]["task_sampling"] = {"mix": mix}
+        (tmp_path / f"{mix}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        _train(tmp_path / f"{mix}.yaml", tmp_path / mix)
+    a, b = _weights(tmp_path / "rows"), _weights(tmp_path / "batches")
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
 def test_a_feature_column_missing_in_one_source_is_a_one_line_error(tmp_path: Path) -> None:
@@ -148,8 +219,9 @@ def test_a_feature_column_missing_in_one_source_is_a_one_line_error(tmp_path: Pa
     assert run.returncode == 2 and len(lines) == 1 and "part-1.parquet: missing column 'price'" in lines[0]
 
 
-def test_two_ranks_train_on_two_sources(tmp_path: Path) -> None:
-    cfg = _with(split_logs(tmp_path), "temp.yaml", task_sampling={"strategy": "temperature", "temperature": 2.0})
+@pytest.mark.parametrize("mix", ["rows", "batches"])
+def test_two_ranks_train_on_two_sources(tmp_path: Path, mix: str) -> None:
+    cfg = _with(split_logs(tmp_path), "temp.yaml", task_sampling={"strategy": "temperature", "temperature": 2.0, "mix": mix})
     run = _torchrun(cfg, tmp_path / "two", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads(run.stdout)
@@ -160,17 +232,24 @@ def test_two_ranks_train_on_two_sources(tmp_path: Path) -> None:
     conv = two["history"][0]["sources"]["tasks[cvr].data"]
     n_click, n_conv = _rows(tmp_path / "clicks" / "train"), _rows(tmp_path / "conv" / "train")
     assert conv["rate"] == pytest.approx(n_conv**0.5 / (n_conv**0.5 + n_click**0.5)) and conv["rate"] > n_conv / (n_conv + n_click)
+    clicks = two["history"][0]["sources"]["data"]
+    if mix == "rows":  # each rank's 128 rows split by the rates: the global sub-batches are twice those
+        assert [clicks["rows"], conv["rows"]] == [2 * b for b in sub_batches(np.array([1 - conv["rate"], conv["rate"]]), 128).tolist()]
+        assert clicks["batches"] == conv["batches"]
+    else:
+        assert clicks["rows"] == conv["rows"] == 256
 
 
-def test_sigkill_and_resume_over_two_sources_give_byte_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mix", ["rows", "batches"])
+def test_sigkill_and_resume_over_two_sources_give_byte_identical_weights(tmp_path: Path, mix: str) -> None:
     """Uniform rates: the conversion log wraps into new passes mid-epoch and the click log
     carries unfinished passes over epoch boundaries, so the cursor of every source and the
-    schedule position must all come back."""
+    step position must all come back (both mixes)."""
     ck = tmp_path / "ck"
     base = split_logs(tmp_path)
     raw = yaml.safe_load(base.read_text())
     raw["model"]["dropout"] = 0.2
-    raw["train"] = {**raw["train"], "epochs": 3, "batch_size": 64, "weighting": "famo", "task_sampling": {"strategy": "uniform"}}
+    raw["train"] = {**raw["train"], "epochs": 3, "batch_size": 64, "weighting": "famo", "task_sampling": {"strategy": "uniform", "mix": mix}}
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump(raw, sort_keys=False))
     raw["train"]["checkpoint"] = {"dir": str(ck), "every_steps": 11, "keep": 2}

@@ -274,7 +274,8 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
         })
         probed = [results[r.name]["affinity"] for r in rs if "affinity" in results[r.name]]
         if probed:
-            rows[-1]["affinity"] = {**pool(probed), "lr": probed[0]["lr"], "every": probed[0]["every"]}
+            rows[-1]["affinity"] = {**pool(probed), "lr": probed[0]["lr"], "every": probed[0]["every"],
+                                    "by_seed": [p["matrix"] for p in probed]}  # each seed's own mean, for the spread over seeds
     best = max(rows, key=lambda r: r["delta_m_pct"] if math.isfinite(r["delta_m_pct"]) else -math.inf)
     for r in rows:
         r["best"] = r is best

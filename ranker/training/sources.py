@@ -8,16 +8,29 @@ NaN there (left out of the loss), whether or not the files happen to hold that c
 filtered log (purchases: clicked rows only) never teaches a task it was not chosen for. A source
 must hold every feature column and its own tasks' label columns.
 
-Training draws one source per step. An epoch is ``S = sum_s steps_s`` steps, as many batches as
-one pass over every source's rows (``steps_s``: the batches of one pass over source s, after
-row-group sharding the steps every rank can take). The sampler's rates r_s come from the sources'
-train rows (``SAMPLERS``); source s supplies exactly ``round(r_s * S)`` of the epoch's steps
-(largest remainder), in an order shuffled by a generator seeded with (seed, epoch): every rank
-computes the same schedule, so all ranks draw the same source at every step. Each source is an
-endless stream of passes, each reshuffled (row-group plan and shuffle buffer), whose position
-carries over epoch boundaries: under proportional rates every epoch is about one pass over every
-source; under temperature or uniform rates small sources repeat within an epoch and large ones
-are seen partly, but no row is favoured over another of its source across the run.
+Every step's batch draws on the sources at the sampler's rates r_s (``SAMPLERS``, from the
+sources' train rows), in one of two ways (``train.task_sampling.mix``):
+
+- ``rows`` (the default): every batch holds rows of every source, a sub-batch of
+  b_s = round(r_s * B) rows from each (largest remainder, at least one row per source; under
+  row-group sharding per rank, from the rank's B / world), concatenated. Each task's loss covers
+  the rows labelled for it, as in a batch of one pooled log, so under proportional rates this is
+  training on the pooled logs: a small source's tasks take a step every step on about as many
+  rows as they would have had there.
+- ``batches``: every batch is one source's B rows; source s supplies exactly round(r_s * S) of
+  the epoch's S steps (largest remainder), in an order shuffled by a generator seeded with
+  (seed, epoch). A small source's tasks then step on a share r_s of the steps only.
+
+Both are one plan per epoch (``plan_steps``: which sources every step draws on), a function of
+(rates, steps, seed, epoch) alone, so every rank computes the same one and all ranks draw the
+same sources at every step. An epoch is as many rows as one pass over every source:
+``S = ceil(sum_s steps_s * b_s / B)`` steps, where ``steps_s`` are the sub-batches of b_s rows
+(``batches``: b_s = B) in one pass over source s, after row-group sharding the ones every rank
+can take. Each source is an endless stream of passes, each reshuffled (row-group plan and
+shuffle buffer), whose position carries over epoch boundaries: under proportional rates every
+epoch is about one pass over every source; under temperature or uniform rates small sources
+repeat within an epoch and large ones are seen partly, but no row is favoured over another of
+its source across the run.
 
 The cursor of a run (``SourceCursor``: pass and batches consumed per source) is what a
 checkpoint stores besides the epoch and step, so a resume replays every stream exactly.
@@ -32,6 +45,7 @@ import numpy as np
 
 from ranker.config import DataConfig, RankerConfig, TaskSampling, TaskSpec
 from ranker.errors import RankerError
+from ranker.features import concat_batches
 from ranker.training.data import Loader, ParquetSource, Unit, label_columns, plan_units
 
 SOURCE_SEED_STRIDE = 7_777_777  # source s shuffles with seed + s * stride (source 0: the seed itself)
@@ -94,8 +108,9 @@ def quotas(rates: np.ndarray, steps: int) -> np.ndarray:
 
 
 def schedule(rates: np.ndarray, steps: int, seed: int, epoch: int) -> np.ndarray:
-    """The source of every step of one epoch: ``quotas`` in a seeded random order. A function of
-    its arguments only, so every rank holds the same one and a resume recomputes it.
+    """The source of every step of one epoch (``mix: batches``): ``quotas`` in a seeded random
+    order. A function of its arguments only, so every rank holds the same one and a resume
+    recomputes it.
 
     Example:
         >>> s = schedule(np.array([0.75, 0.25]), 8, seed=0, epoch=0)
@@ -106,6 +121,68 @@ def schedule(rates: np.ndarray, steps: int, seed: int, epoch: int) -> np.ndarray
     if len(rates) > 1:
         order = order[np.random.default_rng([seed, epoch, 0x5A3D]).permutation(steps)]
     return order
+
+
+def sub_batches(rates: np.ndarray, rows: int, key: str = "train.batch_size") -> np.ndarray:
+    """Rows per source in a batch of ``rows`` (``mix: rows``): ``quotas`` of the rows, and a
+    source the rounding left empty gets one row from the largest share, so every source's
+    tasks are in every batch.
+
+    Raises:
+        RankerError: fewer rows than sources.
+
+    Example:
+        >>> sub_batches(np.array([0.95, 0.05]), 1024).tolist()
+        [973, 51]
+        >>> sub_batches(np.array([0.999, 0.001]), 100).tolist()
+        [99, 1]
+    """
+    if rows < len(rates):
+        raise RankerError(f"{key}: {rows} rows cannot hold a sub-batch of each of {len(rates)} sources "
+                          "(train.task_sampling.mix: rows); raise it or use mix: batches")
+    q = quotas(rates, rows)
+    for i in np.flatnonzero(q == 0):
+        q[int(np.argmax(q))] -= 1
+        q[i] = 1
+    return q
+
+
+def batch_rows(rates: np.ndarray, batch_size: int, world: int, row_groups: bool, mix: str) -> tuple[list[int], list[int]]:
+    """(b_s, reads_s) per source: the global rows source s gives a batch it is drawn into, and
+    the rows a rank's loader reads for it. Under row-group sharding each rank splits its own
+    batch_size / world rows (``sub_batches``), so b_s = world * reads_s; otherwise a rank reads
+    all b_s and takes its slice. ``mix: batches``: b_s = batch_size.
+
+    Example:
+        >>> batch_rows(np.array([0.9, 0.1]), 1000, 2, True, "rows")
+        ([900, 100], [450, 50])
+        >>> batch_rows(np.array([0.9, 0.1]), 1000, 2, False, "batches")
+        ([1000, 1000], [1000, 1000])
+    """
+    local = batch_size // world if row_groups else batch_size
+    if mix == "rows":
+        key = f"train.batch_size / {world} ranks" if row_groups and world > 1 else "train.batch_size"
+        reads = [int(b) for b in sub_batches(rates, local, key)]
+    else:
+        reads = [local] * len(rates)
+    return [b * world if row_groups else b for b in reads], reads
+
+
+def plan_steps(rates: np.ndarray, steps: int, seed: int, epoch: int, mix: str) -> np.ndarray:
+    """Which sources every step of an epoch draws on: a (steps, sources) boolean array, every
+    row all True under ``mix: rows``, one True (``schedule``) under ``mix: batches``.
+
+    Example:
+        >>> plan_steps(np.array([0.5, 0.5]), 2, seed=0, epoch=0, mix="rows").tolist()
+        [[True, True], [True, True]]
+        >>> plan_steps(np.array([0.5, 0.5]), 4, seed=0, epoch=0, mix="batches").sum(0).tolist()
+        [2, 2]
+    """
+    if mix == "rows":
+        return np.ones((steps, len(rates)), dtype=bool)
+    if mix == "batches":
+        return np.eye(len(rates), dtype=bool)[schedule(rates, steps, seed, epoch)]
+    raise RankerError(f"train.task_sampling.mix: unknown mix {mix!r}; valid: rows, batches")
 
 
 # ----- sources -----------------------------------------------------------------------------------
@@ -200,12 +277,14 @@ class Streams:
         loaders: one training Loader per source (its own tasks labelled, the others NaN).
         seed: train.seed.
         rank, world: this rank and the number of ranks.
-        batch_size: the global batch; each rank gets batch_size / world rows.
+        batch_size: the global batch B.
+        sizes: the global rows each source gives a batch it is drawn into (b_s; ``mix:
+            batches``: B); under row-group sharding each rank takes b_s / world of them.
         row_groups: shard each pass's row groups across ranks (``plan_units``); else every rank
             reads the whole stream and takes its slice of each global batch.
         log: where notes on row groups left out of a pass go.
 
-    Each step the trainer asks ``next(schedule[i], cursor, epoch)``; see ``Trainer._run``.
+    Each step the trainer asks ``draw(plan[i], cursor, epoch)``; see ``Trainer._run``.
     """
 
     sources: list[TaskSource]
@@ -214,6 +293,7 @@ class Streams:
     rank: int
     world: int
     batch_size: int
+    sizes: list[int]
     row_groups: bool
     log: Callable[[str], None] = print
     _open: dict[int, tuple[int, Iterator]] = field(default_factory=dict)  # source -> (pass, iterator)
@@ -235,22 +315,24 @@ class Streams:
     def steps(self, s: int, p: int) -> int:
         """Batches every rank takes in pass ``p`` of source ``s``."""
         if not self.row_groups:
-            return -(-self.sources[s].train.num_rows // self.batch_size)
+            return -(-self.sources[s].train.num_rows // self.sizes[s])
         if (s, p) not in self._steps:
-            local = self.batch_size // self.world
+            local = self.sizes[s] // self.world
             self._steps[(s, p)] = min(-(-sum(u.rows for u in share) // local) for share in self.plan(s, p))
         return self._steps[(s, p)]
 
     def epoch_steps(self, epoch: int) -> int:
-        """S: as many steps as one pass over every source (each source's pass numbered ``epoch``)."""
-        return sum(self.steps(s, epoch) for s in range(len(self.sources)))
+        """S: as many rows as one pass over every source (each source's pass numbered ``epoch``),
+        ceil(sum_s steps_s * b_s / B); with every b_s = B (``mix: batches``) the sum of the steps."""
+        rows = sum(self.steps(s, epoch) * self.sizes[s] for s in range(len(self.sources)))
+        return -(-rows // self.batch_size)
 
     def _iterator(self, s: int, p: int, skip: int, what: str) -> Iterator:
         loader = self.loaders[s]
         seed = self._seed(s) * 1_000_003 + p
         if not self.row_groups:
             return loader(seed=seed, part=(self.rank, self.world), skip=skip)
-        plan, local = self.plan(s, p), self.batch_size // self.world
+        plan, local = self.plan(s, p), self.sizes[s] // self.world
         steps = self.steps(s, p)
         rows = [sum(u.rows for u in share) for share in plan]
         dropped = sum(r - min(r, steps * local) for r in rows)
@@ -276,6 +358,13 @@ class Streams:
                               f"{self.steps(s, p)} batches (files changed while training?)") from None
         cursor.batches[s] += 1
         return batch
+
+    def draw(self, take: np.ndarray, cursor: SourceCursor, epoch: int) -> tuple[dict, list[int]]:
+        """One step's batch on this rank: the next sub-batch of every source ``take`` marks,
+        concatenated in source order; and those sources."""
+        drawn = [int(s) for s in np.flatnonzero(take)]
+        parts = [self.next(s, cursor, epoch) for s in drawn]
+        return (parts[0] if len(parts) == 1 else concat_batches(parts, self.loaders[0].pads)), drawn
 
     def _close(self, s: int) -> None:
         _, it = self._open.pop(s, (-1, None))

@@ -38,8 +38,9 @@ from ranker.training.sources import (
     SourceCursor,
     Streams,
     TaskSource,
+    batch_rows,
+    plan_steps,
     sampling_rates,
-    schedule,
     task_sources,
 )
 from ranker.training.tracking import Tracker
@@ -290,24 +291,27 @@ class Trainer:
         loss_tasks = list(self.loss_types)
 
         row_groups = tc.sharding == "row_groups"
-        local_batch = tc.batch_size // ranks.world if row_groups else tc.batch_size
+        mix = tc.task_sampling.mix
+        rates = sampling_rates([src.train.num_rows for src in sources], tc.task_sampling)
+        # b_s: the rows source s gives a batch it is drawn into; what each rank's loader reads of them
+        sizes, reads = batch_rows(rates, tc.batch_size, ranks.world, row_groups, mix)
         pin = device.type == "cuda"
         names = [t.name for t in cfg.tasks]
         own = [[t.name for t in src.tasks] for src in sources]  # the tasks labelled in each source
-        train_loaders = [Loader(src.train, featurizer, src.tasks, local_batch, tc.shuffle_buffer, pin=pin,
-                                unlabelled=[n for n in names if n not in o]) for src, o in zip(sources, own, strict=True)]
+        train_loaders = [Loader(src.train, featurizer, src.tasks, b, tc.shuffle_buffer, pin=pin,
+                                unlabelled=[n for n in names if n not in o]) for src, o, b in zip(sources, own, reads, strict=True)]
         val_parts = [(Loader(src.val, featurizer, src.tasks, EVAL_BATCH, pin=pin), src.tasks,
                       plan_units(src.val.units, ranks.world)[ranks.rank]) for src in sources]
         for src in sources:
             if row_groups and len(src.train.units) < ranks.world:
                 raise RankerError(f"{src.train.key}: {len(src.train.units)} row groups cannot feed {ranks.world} ranks; "
                                   "write the files with more row groups or use train.sharding: batches")
-        streams = Streams(sources, train_loaders, tc.seed, ranks.rank, ranks.world, tc.batch_size, row_groups, self.log)
-        rates = sampling_rates([src.train.num_rows for src in sources], tc.task_sampling)
+        streams = Streams(sources, train_loaders, tc.seed, ranks.rank, ranks.world, tc.batch_size, sizes, row_groups, self.log)
         if len(sources) > 1:
-            self.log("sources (" + tc.task_sampling.strategy + "): " + ", ".join(
-                f"{src.name} {src.train.num_rows:,} rows -> {r:.1%} of batches ({'/'.join(o)})"
-                for src, r, o in zip(sources, rates, own, strict=True)))
+            share = (lambda k: f"{sizes[k]:,} rows of every batch") if mix == "rows" else (lambda k: f"{rates[k]:.1%} of batches")
+            self.log(f"sources ({tc.task_sampling.strategy}, mix {mix}): " + ", ".join(
+                f"{src.name} {src.train.num_rows:,} rows -> {share(k)} ({'/'.join(o)})"
+                for k, (src, o) in enumerate(zip(sources, own, strict=True))))
 
         fingerprint = self.fingerprint([(split.key, split) for src in sources for split in src.splits()])
         ranks.check_same("config", fingerprint)
@@ -368,10 +372,10 @@ class Trainer:
         while pg.epoch < tc.epochs:
             epoch = pg.epoch
             model.train()
-            # the epoch: as many steps as one pass over every source, each step's source from a
-            # schedule every rank computes alike (ranker.training.sources)
+            # the epoch: as many rows as one pass over every source, the sources of every step
+            # from a plan every rank computes alike (ranker.training.sources)
             steps = streams.epoch_steps(epoch)
-            order = schedule(rates, steps, tc.seed, epoch)
+            plan = plan_steps(rates, steps, tc.seed, epoch, mix)
             probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks)
             if pg.probe is not None:
                 probe.set_state(pg.probe)
@@ -380,16 +384,17 @@ class Trainer:
                        leave=False)
             t0, probe_seconds = time.perf_counter(), 0.0
             for i in range(pg.batches, steps):
-                s = int(order[i])
-                batch = streams.next(s, cursor, epoch)
+                batch, drawn = streams.draw(plan[i], cursor, epoch)
+                # the drawn sources' tasks only: the others have no label in this batch
+                tasks = [n for n in names if any(n in own[s] for s in drawn)]
                 # one small all-reduce a step: rows, the checkpoint decision, labelled rows per task
                 local = [float(len(batch["cat"])), float(checkpoint_due())]
                 local += [float((~torch.isnan(batch[f"label:{t}"])).sum()) for t in loss_tasks]
                 counts = ranks.sum(torch.tensor(local, dtype=torch.float64)).tolist()
                 batch = to_device(batch, device)
                 with autocast:
-                    raw = model(batch, own[s])  # the source's tasks only: the others have no label here
-                    types = {t: ty for t, ty in self.loss_types.items() if t in own[s]}
+                    raw = model(batch, tasks)
+                    types = {t: ty for t, ty in self.loss_types.items() if t in tasks}
                     losses = task_losses(model, types, raw, batch, dict(zip(loss_tasks, counts[2:], strict=True)))
                 pg.batches = i + 1
                 if losses:
@@ -434,15 +439,17 @@ class Trainer:
             diag = probe.summary()
             record = {"epoch": epoch + 1, "train_loss": dict(pg.ema), "val": val.metrics, "monitor": score,
                       "weights": {t: s / n for t, (s, n) in pg.weights.items()}, "diagnostics": diag,
-                      "sources": {src.name: {"batches": int(n), "pass": cursor.passes[k] + 1, "rate": float(rates[k])}
-                                  for k, (src, n) in enumerate(zip(sources, np.bincount(order, minlength=len(sources)), strict=True))}}
+                      "sources": {src.name: {"batches": int(n), "rows": sizes[k], "pass": cursor.passes[k] + 1, "rate": float(rates[k])}
+                                  for k, (src, n) in enumerate(zip(sources, plan.sum(0), strict=True))}}
             pg.history.append(record)
             tracker.epoch(pg.step, record, pg.rows / max(pg.seconds, 1e-9))
             self.log(f"epoch {epoch + 1}: " + _fmt(val.metrics) + f" | monitor {score:.5f}")
             if diag["batches"]:
                 self.log(f"  diagnostics: {format_diagnostics(diag)}")
             if len(sources) > 1:
-                self.log(f"  {steps} steps: " + ", ".join(f"{k} {v['batches']} batches (in pass {v['pass']})" for k, v in record["sources"].items()))
+                self.log(f"  {steps} steps: " + ", ".join(
+                    f"{k} {v['batches']} {'sub-batches of ' + format(v['rows'], ',') + ' rows' if mix == 'rows' else 'batches'} (in pass {v['pass']})"
+                    for k, v in record["sources"].items()))
             stop = False
             if score > pg.best:
                 pg.best, pg.best_epoch, pg.bad_epochs = score, epoch + 1, 0
