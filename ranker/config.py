@@ -26,7 +26,7 @@ EMBEDDED_ENCODINGS = ("piecewise_linear", "periodic")
 # the default needs no hand transform: quantile bins do not care about heavy tails or units
 DEFAULT_ENCODING = "piecewise_linear"
 DEFAULT_BINS = 32  # quantile bins per embedded dense feature (fewer where values repeat)
-DEFAULT_NUMERIC_DIM = 8  # embedding width per embedded dense feature
+DEFAULT_NUMERIC_DIM = 12  # embedding width per embedded dense feature (8 -> 12 on census val)
 
 
 class _Strict(BaseModel):
