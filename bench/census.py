@@ -118,8 +118,31 @@ def init_config(out: Path) -> dict:
     return raw
 
 
-def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1)) -> dict[str, dict]:
-    """Single-task HistGradientBoosting per task, grid chosen on val AUC; test AUC of the best."""
+GBDT_LEAVES = (7, 15, 31, 63, 127)
+GBDT_L2 = (0.0, 1.0, 10.0)
+
+
+def _staged_val_auc(clf, x_val, y_val, step: int) -> list[tuple[int, float]]:
+    """Val AUC after every ``step`` trees (and after the last) of a fitted booster."""
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    n = clf.n_iter_
+    for i, p in enumerate(clf.staged_predict_proba(x_val), start=1):
+        if i % step == 0 or i == n:
+            out.append((i, roc_auc_score(y_val, p[:, 1])))
+    return out
+
+
+def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1, 0.2),
+         leaves_grid: tuple[int, ...] = GBDT_LEAVES, l2_grid: tuple[float, ...] = GBDT_L2,
+         chunk: int = 100, patience: int = 200) -> dict[str, dict]:
+    """Single-task HistGradientBoosting per task, grid chosen on val AUC; test AUC of the best.
+
+    The grid is learning rate x max leaves x L2; for each point trees are added in chunks of
+    ``chunk`` (warm start) until val AUC has not improved for ``patience`` trees, and the number
+    of trees is chosen on val too, like the networks' epoch. Test is read once, for the best.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
@@ -142,26 +165,35 @@ def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1)) -> di
     for task, label in (("income", "income"), ("marital", "never_married")):
         y = {s: t.column(label).to_numpy() for s, t in tables.items()}
         best = None
+        grid = []
         for lr in rates:
-            for leaves in (15, 31, 63):
-                for l2 in (0.0, 1.0):
+            for leaves in leaves_grid:
+                for l2 in l2_grid:
                     clf = HistGradientBoostingClassifier(
-                        learning_rate=lr, max_leaf_nodes=leaves, l2_regularization=l2, max_iter=600,
-                        early_stopping=False, categorical_features=is_cat, random_state=seed)
-                    clf.fit(mats["train"], y["train"])
-                    # the number of trees is chosen on val too, like the networks' epoch
-                    aucs = [roc_auc_score(y["val"], p[:, 1]) for p in clf.staged_predict_proba(mats["val"])]
-                    k = int(np.argmax(aucs))
-                    if best is None or aucs[k] > best[0]:
-                        best = (aucs[k], clf, k + 1, {"learning_rate": lr, "max_leaf_nodes": leaves, "l2_regularization": l2})
+                        learning_rate=lr, max_leaf_nodes=leaves, l2_regularization=l2, max_iter=chunk,
+                        early_stopping=False, categorical_features=is_cat, random_state=seed, warm_start=True)
+                    top = (0, -1.0)
+                    while True:
+                        clf.fit(mats["train"], y["train"])
+                        for k, auc in _staged_val_auc(clf, mats["val"], y["val"], step=10):
+                            if auc > top[1]:
+                                top = (k, auc)
+                        if clf.n_iter_ - top[0] >= patience or clf.n_iter_ >= 5000:
+                            break
+                        clf.set_params(max_iter=clf.n_iter_ + chunk)
+                    params = {"learning_rate": lr, "max_leaf_nodes": leaves, "l2_regularization": l2}
+                    grid.append({**params, "trees": top[0], "val_auc": top[1]})
+                    print(f"  gbdt {task} {params} val AUC {top[1]:.4f} at {top[0]} trees", file=sys.stderr, flush=True)
+                    if best is None or top[1] > best[0]:
+                        best = (top[1], clf, top[0], params)
         assert best is not None
         val, clf, trees, params = best
         staged = clf.staged_predict_proba(mats["test"])
         for _ in range(trees):
             p_test = next(staged)
         test = roc_auc_score(y["test"], p_test[:, 1])
-        results[task] = {"val_auc": val, "test_auc": test, "params": params, "trees": trees}
-        print(f"gbdt {task:<8} test AUC {test:.4f} (val {val:.4f}; {params}, {trees} trees)", flush=True)
+        results[task] = {"val_auc": val, "test_auc": test, "params": params, "trees": trees, "grid": grid}
+        print(f"gbdt {task:<8} test AUC {test:.4f} (val {val:.4f}; {params}, {trees} trees; {len(grid)} grid points)", flush=True)
     return results
 
 
@@ -202,7 +234,11 @@ def main() -> int:
     ap.add_argument("--cross-rank", type=int, default=None)
     ap.add_argument("--seeds", default="0", help="comma-separated model seeds (the split stays --seed)")
     ap.add_argument("--gbdt", action="store_true", help="also the tuned HistGradientBoosting per task")
-    ap.add_argument("--gbdt-rates", default="0.05,0.1", help="learning rates of the GBDT grid")
+    ap.add_argument("--gbdt-rates", default="0.05,0.1,0.2", help="learning rates of the GBDT grid")
+    ap.add_argument("--gbdt-only", action="store_true", help="only the GBDT (implies --gbdt)")
+    ap.add_argument("--dense", default="", help="KEY=VALUE,... set on every dense feature (e.g. bins=64,dim=16)")
+    ap.add_argument("--model", default="", help="KEY=VALUE,... model settings (e.g. dropout=0.1)")
+    ap.add_argument("--train", default="", help="KEY=VALUE,... train settings (e.g. weight_decay=0.01)")
     ap.add_argument("--tag", default=None, help="name of this run in results (default: derived)")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 is fastest on a busy machine)")
@@ -229,12 +265,22 @@ def main() -> int:
         raw["model"] = {**raw.get("model", {}), "cross_layers": args.cross_layers}
     if args.cross_rank is not None:
         raw["model"] = {**raw.get("model", {}), "cross_rank": args.cross_rank}
+    def pairs(text: str) -> dict:
+        return {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in text.split(",") if kv)}
+
+    if args.dense:
+        raw["features"] = [{**f, **pairs(args.dense)} if f["type"] == "dense" and "transform" not in f else f for f in raw["features"]]
+    raw["model"] = {**raw.get("model", {}), **pairs(args.model)}
+    raw["train"] = {**raw.get("train", {}), **pairs(args.train)}
     base = parse_config(raw, f"census {args.style} config")
     tag = args.tag or "-".join(x for x in (args.style, args.encoding, f"cross{args.cross_layers}" if args.cross_layers else None,
                                           f"rank{args.cross_rank}" if args.cross_rank else None) if x)
     results: dict = {}
-    if args.gbdt:
+    if args.gbdt or args.gbdt_only:
         results["gbdt"] = gbdt(out, rates=tuple(float(r) for r in args.gbdt_rates.split(",")))
+        if args.gbdt_only:
+            (out / "results-gbdt.json").write_text(json.dumps(results, indent=2))
+            return 0
     archs = [a for a in args.architectures.split(",") if a]
     runs = [(arch, int(seed)) for arch in archs for seed in args.seeds.split(",")]
     for arch, seed in runs:

@@ -26,7 +26,7 @@ EMBEDDED_ENCODINGS = ("piecewise_linear", "periodic")
 # the default needs no hand transform: quantile bins do not care about heavy tails or units
 DEFAULT_ENCODING = "piecewise_linear"
 DEFAULT_BINS = 32  # quantile bins per embedded dense feature (fewer where values repeat)
-DEFAULT_NUMERIC_DIM = 8  # embedding width per embedded dense feature
+DEFAULT_NUMERIC_DIM = 12  # embedding width per embedded dense feature (8 -> 12 on census val)
 
 
 class _Strict(BaseModel):
@@ -178,6 +178,9 @@ class ModelConfig(_Strict):
     periodic_sigma: float = Field(default=1.0, gt=0)
     # hidden widths of each position-bias tower (tasks[].bias_features); [] = one linear layer
     bias_tower_dims: list[PositiveInt] = Field(default_factory=lambda: [16])
+    # the tower's logit = gain x its output layer: an effective 10x learning rate there, so the
+    # tower learns the position effect before the main model absorbs it (ranker.model.bias)
+    bias_tower_gain: float = Field(default=10.0, gt=0)
 
     @field_validator("architecture")
     @classmethod

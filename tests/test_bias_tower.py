@@ -18,6 +18,7 @@ from ranker.bundle import load_bundle
 from ranker.config import FeatureSpec, ModelConfig, TaskSpec, load_config, parse_config
 from ranker.features import Featurizer
 from ranker.model import MultiTaskRanker
+from ranker.model.bias import BiasTower
 from ranker.serving import ServingSettings, create_app
 from ranker.training.synth import POSITION_SCHEMA, write_synthetic
 from ranker.training.trainer import Trainer
@@ -80,7 +81,11 @@ def test_bias_tower_adds_in_training_only_and_is_not_an_encoder_input() -> None:
     tower = m.bias_towers["ctr"](batch)
     torch.testing.assert_close(with_tower["ctr"], plain["ctr"] + tower)
     torch.testing.assert_close(with_tower["cvr"], plain["cvr"])  # cvr has no tower
-    assert (tower - 0.7).abs().max() > 0  # depends on position, not a constant
+    assert (tower - 0.7 * m.bias_towers["ctr"].gain).abs().max() > 0  # depends on position, not a constant
+    # the gain scales the output layer's logit: a 10x learning rate for that layer under Adam
+    gain1 = BiasTower([FEATURES[2], FEATURES[3]], ModelConfig(bias_tower_gain=1.0))
+    gain1.load_state_dict(m.bias_towers["ctr"].state_dict())
+    torch.testing.assert_close(gain1(batch) * ModelConfig().bias_tower_gain, tower)
 
 
 def test_bias_tower_gradients_flow_to_the_tower_only_through_training() -> None:
@@ -174,3 +179,17 @@ def test_single_task_baseline_of_compare_does_not_take_another_tasks_position_as
     cfg = parse_config(raw)
     assert [f.name for f in single_task_config(cfg, "cvr").features] == ["u", "tags"]
     assert [f.name for f in single_task_config(cfg, "ctr").features] == ["u", "position", "tags"]
+
+
+def test_synth_oracle_hook_replays_the_written_test_split(tmp_path: Path) -> None:
+    from ranker.training.synth import POSITION_ETA, _test_truth, examination
+
+    write_synthetic(tmp_path / "s", rows=3_000, seed=4, position_bias=True)
+    t = pq.read_table(tmp_path / "s" / "test")
+    truth = _test_truth(3_000, seed=4)
+    assert np.array_equal(truth["click"], t.column("click").to_numpy())
+    assert np.array_equal(truth["position"], t.column("position").to_numpy())
+    # unbiased test clicks follow the hidden relevance: clicked rows have the higher logits
+    click = truth["click"].astype(bool)
+    assert truth["relevance_logit"][click].mean() > truth["relevance_logit"][~click].mean() + 1.0
+    np.testing.assert_allclose(examination(np.array([1, 2, 10])), np.array([1, 2, 10], dtype=float) ** -POSITION_ETA)

@@ -37,7 +37,7 @@ def test_shapes_parameters_and_gradients() -> None:
     assert torch.equal(CrossNet(4, layers=0)(x[:, :4]), x[:, :4])
 
 
-FEATURES = [FeatureSpec(name="u", type="categorical", buckets=20, dim=4), FeatureSpec(name="p", type="dense")]
+FEATURES = [FeatureSpec(name="u", type="categorical", buckets=20, dim=4), FeatureSpec(name="p", type="dense", dim=8)]  # width pinned: the toy is init-sensitive
 TASKS = [TaskSpec(name="a", type="binary", label="a"), TaskSpec(name="b", type="regression", label="b")]
 
 

@@ -16,7 +16,14 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from ranker.bundle import MANIFEST, load_bundle
-from ranker.config import DEFAULT_BINS, FeatureSpec, ModelConfig, load_config, parse_config
+from ranker.config import (
+    DEFAULT_BINS,
+    DEFAULT_NUMERIC_DIM,
+    FeatureSpec,
+    ModelConfig,
+    load_config,
+    parse_config,
+)
 from ranker.encodings import QuantileSketch, bin_edges, bin_position
 from ranker.features import Featurizer
 from ranker.model.encoder import Encoder
@@ -29,7 +36,7 @@ from tests.datagen import write_logs
 # ----------------------------------------------------------------------------- config
 def test_default_encoding_needs_no_transform_and_old_key_keeps_its_meaning() -> None:
     plain = FeatureSpec(name="money", type="dense")
-    assert plain.encoding == "piecewise_linear" and plain.bins == DEFAULT_BINS and plain.dim == 8 and plain.embedded
+    assert plain.encoding == "piecewise_linear" and plain.bins == DEFAULT_BINS and plain.dim == DEFAULT_NUMERIC_DIM == 12 and plain.embedded
     old = FeatureSpec(name="money", type="dense", transform="log1p")
     assert old.encoding == "log1p" and old.dim is None and not old.embedded
     assert FeatureSpec(name="m", type="dense", transform="log1p", encoding="standard").encoding == "log1p"
@@ -125,18 +132,19 @@ def test_periodic_embedding_golden_and_missing() -> None:
 def test_encoder_embeds_dense_features_and_gradients_reach_missing_vectors() -> None:
     feats = [
         FeatureSpec(name="a", type="dense", encoding="standard"),
-        FeatureSpec(name="b", type="dense"),  # piecewise_linear, dim 8
+        FeatureSpec(name="b", type="dense"),  # piecewise_linear at the default width
         FeatureSpec(name="c", type="dense", encoding="periodic", dim=3),
-        FeatureSpec(name="d", type="dense", encoding="piecewise_linear", bins=4, dim=8),
+        FeatureSpec(name="d", type="dense", encoding="piecewise_linear", bins=4, dim=DEFAULT_NUMERIC_DIM),
     ]
     enc = Encoder(feats, ModelConfig(periodic_frequencies=4))
-    assert enc.out_dim == 1 + 8 + 3 + 8 and len(enc.numeric) == 2  # (periodic, 3) and (ple, 8) groups
+    d = DEFAULT_NUMERIC_DIM
+    assert enc.out_dim == 1 + d + 3 + d and len(enc.numeric) == 2  # (periodic, 3) and (ple, d) groups
     dense = torch.tensor([[0.3, 5.0, 0.2, 1.5], [-1.0, float("nan"), float("nan"), 0.0]])
     out = enc({"cat": torch.zeros(2, 0, dtype=torch.long), "dense": dense})
-    assert out.shape == (2, 20) and torch.isfinite(out).all()
+    assert out.shape == (2, 4 + 2 * d) and torch.isfinite(out).all()
     assert out[0, 0] == 0.3 and out[1, 0] == -1.0  # the standard column passes through
     out.sum().backward()
-    ple = enc.numeric[enc.numeric_keys.index(("piecewise_linear", 8))]
+    ple = enc.numeric[enc.numeric_keys.index(("piecewise_linear", d))]
     assert ple.missing.grad[0].abs().sum() > 0 and ple.missing.grad[1].abs().sum() == 0  # only b was missing
     assert ple.weight.grad.abs().sum() > 0
 

@@ -80,7 +80,8 @@ SCHEMA = pa.schema(
 )
 POSITION_SCHEMA = SCHEMA.append(pa.field("position", pa.int64()))
 TASKS = ("ctr", "cvr", "watch")
-POSITIONS = 10  # slots of the old ranking; examination probability 1 / position
+POSITIONS = 10  # slots of the old ranking
+POSITION_ETA = 1.0  # P(examined) = (1 / position) ** POSITION_ETA: the position-based click model
 PROMO_WEIGHT, OLD_RELEVANCE_WEIGHT, OLD_NOISE = 2.0, 0.5, 0.7
 SPLITS = ("train", "val", "test")  # 80/10/10
 
@@ -356,12 +357,31 @@ def _hidden_scores(
     return _scores(w, rng, _sample(w, rng, rows)[1])
 
 
+def _test_truth(rows: int, seed: int = 0, task_correlation: float = 0.5) -> dict[str, np.ndarray]:
+    """Benchmark hook: the hidden relevance logit and the logged position of every row of the
+    test split ``write_synthetic(rows=rows, seed=seed, position_bias=True)`` writes, in its order."""
+    w = _world(seed, float(task_correlation))
+    n_test = rows - rows * 8 // 10 - rows // 10
+    truth: list[np.ndarray] = []
+    tables = list(_blocks(w, seed, SPLITS.index("test"), n_test, True, truth))
+    return {
+        "relevance_logit": np.concatenate(truth),
+        "position": np.concatenate([t.column("position").to_numpy() for t in tables]),
+        "click": np.concatenate([t.column("click").to_numpy() for t in tables]),
+    }
+
+
 def _item_promotion(w: _World, seed: int) -> np.ndarray:
     """(N_ITEMS,) the old ranker's hidden boost of each item's category; its own stream, so the
     rest of the world (and every default synth output) is unchanged by position bias."""
     per_category = np.random.default_rng([seed, 7]).standard_normal(N_CATEGORIES)
     category = np.array([int(c[len("cat_"):]) for c in w.item_category.to_pylist()])
     return per_category[category]
+
+
+def examination(position: np.ndarray) -> np.ndarray:
+    """P(a user looks at the slot) in the position-based click model: (1 / position) ** eta."""
+    return np.asarray(position, dtype=np.float64) ** -POSITION_ETA
 
 
 def _positions(rng: np.random.Generator, s_ctr: np.ndarray, promo: np.ndarray) -> np.ndarray:
@@ -371,20 +391,25 @@ def _positions(rng: np.random.Generator, s_ctr: np.ndarray, promo: np.ndarray) -
     return 1 + np.floor(rank * POSITIONS).astype(np.int64)
 
 
-def _blocks(w: _World, seed: int, split: int, n: int, position_bias: bool = False) -> Iterator[pa.Table]:
-    """The split's rows in fixed blocks, each from its own stream: layout-independent data."""
+def _blocks(
+    w: _World, seed: int, split: int, n: int, position_bias: bool = False, truth: list | None = None
+) -> Iterator[pa.Table]:
+    """The split's rows in fixed blocks, each from its own stream: layout-independent data.
+    ``truth``, if given, gets each block's hidden relevance logit of a click (benchmarks' oracle)."""
     promo = _item_promotion(w, seed) if position_bias else None
     for b, start in enumerate(range(0, n, _BLOCK)):
         rng = np.random.default_rng([seed, 3, split, b])
         features, z, item = _sample(w, rng, min(_BLOCK, n - start))
         s = _scores(w, rng, z)
         labels = _labels(w, rng, s)
+        if truth is not None:
+            truth.append(LOGIT_SCALE_CTR * s["ctr"] + w.bias[0])
         if promo is None:
             yield pa.Table.from_arrays(features + labels, schema=SCHEMA)
             continue
         position = _positions(rng, s["ctr"], promo[item])
         if SPLITS[split] != "test":  # logged clicks: only examined items can be clicked
-            examined = rng.random(len(position)) < 1.0 / position
+            examined = rng.random(len(position)) < examination(position)
             click = labels[0].to_numpy() * examined
             labels = [pa.array(click), pa.array(labels[1].to_numpy() * examined), labels[2]]
         yield pa.Table.from_arrays(features + labels + [pa.array(position)], schema=POSITION_SCHEMA)
