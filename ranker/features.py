@@ -225,6 +225,15 @@ def _dense_values(arr: pa.Array | pa.ChunkedArray, encoding: str | None) -> np.n
     return x
 
 
+def _standardise(x: np.ndarray, mean: float | np.ndarray, std: float | np.ndarray) -> np.ndarray:
+    """(x - mean) / std in place, NaN (missing) -> 0, clipped to +-DENSE_CLIP; ``x`` is a float64
+    array of the caller's own (one column, or (n, k) with per-column mean and std)."""
+    x -= mean
+    x /= std
+    x[np.isnan(x)] = 0.0
+    return np.clip(x, -DENSE_CLIP, DENSE_CLIP, out=x)
+
+
 @dataclass
 class RunningMoments:
     """Count, mean and M2 merged batch by batch (Chan et al.), stable for long streams."""
@@ -401,14 +410,12 @@ class Featurizer:
             edges = self.edges[f.name]
             q = bin_position(x, edges)
             return (q if f.encoding == "piecewise_linear" else q / max(len(edges) - 1, 1)).astype(np.float32)
-        mean, std = self.dense_stats[f.name]
-        z = (x - mean) / std
-        return np.clip(np.nan_to_num(z, nan=0.0), -DENSE_CLIP, DENSE_CLIP).astype(np.float32)
+        return _standardise(x, *self.dense_stats[f.name]).astype(np.float32)
 
     def _dense_matrix(self, columns: dict[str, pa.Array | pa.ChunkedArray], n: int) -> np.ndarray:
         """(n, D) float32 of the dense inputs. Embedded encodings go column by column; the
-        standardised columns are scaled, cleaned and clipped as one (n, k) matrix, which gives
-        the same float32 values as ``encode_dense`` column by column with a fraction of the
+        standardised columns are scaled, cleaned and clipped as one (n, k) matrix
+        (``_standardise``, as ``encode_dense`` does for one column), with a fraction of the
         per-column numpy calls."""
         dense = self.dense
         den = np.zeros((n, len(dense)), dtype=np.float32)
@@ -426,11 +433,7 @@ class Featurizer:
             for k, j in enumerate(std_cols):
                 x[:, k] = _dense_values(columns[dense[j].source], dense[j].encoding)
             stats = np.array([self.dense_stats[dense[j].name] for j in std_cols], dtype=np.float64)  # (k, 2) mean, std
-            x -= stats[:, 0]
-            x /= stats[:, 1]
-            x[np.isnan(x)] = 0.0
-            np.clip(x, -DENSE_CLIP, DENSE_CLIP, out=x)
-            den[:, std_cols] = x
+            den[:, std_cols] = _standardise(x, stats[:, 0], stats[:, 1])
         return den
 
     def transform(self, data: pa.Table | pa.RecordBatch, bias: bool = True) -> Batch:
