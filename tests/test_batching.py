@@ -4,8 +4,10 @@ host staging buffers, and ``--batch-window-ms`` merging concurrent requests into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +18,7 @@ import torch
 
 from ranker.features import concat_batches
 from ranker.serving.batching import Batcher, ForwardTimes, HostStaging
-from ranker.serving.predictor import CpuEvent, StageTimer, load_model
+from ranker.serving.predictor import CpuEvent, StageTimer, load_model, score_batch
 from ranker.serving.settings import ServingSettings
 from tests.serving_fixtures import TASKS, mmoe_bundle, ranker_serve, serving_data
 
@@ -78,6 +80,63 @@ def test_host_staging_reuses_its_buffers_per_thread() -> None:
     t.start()
     t.join()
     assert other["cat"].data_ptr() != ptr  # another thread has its own buffers
+
+
+def test_each_request_thread_runs_its_copy_and_forward_on_its_own_stream(bodies: list[bytes]) -> None:
+    """The CUDA path's per-thread streams, on the CPU: a fake stream per thread; the copy in,
+    every stage event and the copy back happen while that thread's stream is current."""
+    loaded = load_model(mmoe_bundle(), _settings(), warm=False)
+    current = threading.local()
+    made: list[int] = []
+    lock = threading.Lock()
+
+    def new_stream() -> int:
+        with lock:
+            made.append(len(made))
+            return made[-1]
+
+    @contextlib.contextmanager
+    def use_stream(s: int | None) -> Iterator[None]:
+        assert s is not None
+        current.stream = s
+        try:
+            yield
+        finally:
+            current.stream = None
+
+    class StreamEvent(CpuEvent):  # records which stream was current, like torch.cuda.Event.record
+        seen: list[tuple[int, int | None]] = []
+
+        def record(self) -> None:
+            super().record()
+            StreamEvent.seen.append((threading.get_ident(), getattr(current, "stream", None)))
+
+    staging = HostStaging(torch.device("cpu"), pin=False, new_stream=new_stream, use_stream=use_stream)
+    timer = StageTimer(loaded.model, StreamEvent)
+    batch = loaded.bundle.featurizer.transform(loaded.parser.parse(bodies[3]))
+    want = score_batch(loaded.model, timer, None, batch, list(TASKS))[0]
+    StreamEvent.seen.clear()
+    got: dict[int, list] = {}
+
+    def one(i: int) -> None:
+        got[i] = [score_batch(loaded.model, timer, staging, batch, list(TASKS))[0] for _ in range(2)]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == 3  # one stream per thread, reused for its second request
+    by_thread: dict[int, set] = {}
+    for ident, stream in StreamEvent.seen:
+        by_thread.setdefault(ident, set()).add(stream)
+    assert len(by_thread) == 3 and all(len(v) == 1 and None not in v for v in by_thread.values())
+    assert len(set().union(*by_thread.values())) == 3  # no two threads share a stream
+    assert len(StreamEvent.seen) == 3 * 2 * 2 * (1 + len(TASKS))  # start+end of trunk and each head
+    for runs in got.values():
+        for scores in runs:
+            for t in TASKS:
+                np.testing.assert_allclose(scores[t], want[t], rtol=1e-6, atol=1e-7)
 
 
 def test_concurrent_requests_merge_into_one_forward_with_their_own_scores(bodies: list[bytes]) -> None:

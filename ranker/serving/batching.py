@@ -15,7 +15,11 @@ most ``max_rows`` candidates.
 
 ``HostStaging`` copies a featurized batch into page-locked (pinned) host buffers that are kept
 per thread and reused, so the copy to the GPU is a real asynchronous DMA rather than a staged
-pageable copy, without allocating pinned memory per request.
+pageable copy, without allocating pinned memory per request. It also gives each request thread
+its own CUDA stream: concurrent requests (``--concurrency`` > 1, no batch window) then queue
+their copies and kernels on separate streams instead of interleaving on the default one, so
+one request's copy can overlap another's compute and each request's stage events (recorded
+on its own stream) time its own kernels, not a neighbour's queued between them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,24 +178,41 @@ class Batcher:
 
 
 class HostStaging:
-    """Per-thread reusable host buffers (pinned when ``pin``) for copies to ``device``.
+    """Per-thread reusable host buffers (pinned when ``pin``) for copies to ``device``, and a
+    per-thread stream to run each request's copy and forward on.
 
     A thread's buffers are reused for its next batch; that is safe because a request waits for
-    its scores (a synchronising copy back) before its thread stages another batch.
+    its scores (a synchronising copy back, on the thread's own stream, the one the copy in was
+    queued on) before its thread stages another batch.
 
     Args:
         device: where batches go.
         pin: page-lock the buffers (needs CUDA); False keeps plain buffers (same code path).
+        new_stream: makes a thread's stream (``torch.cuda.Stream`` on CUDA); None runs on the
+            current stream.
+        use_stream: makes a stream current for a block (``torch.cuda.stream``, a no-op for None).
 
     Example:
         >>> s = HostStaging(torch.device("cpu"), pin=False)
-        >>> s.to_device({"cat": torch.arange(6).reshape(3, 2)})["cat"].tolist()
+        >>> with s.stream():
+        ...     s.to_device({"cat": torch.arange(6).reshape(3, 2)})["cat"].tolist()
         [[0, 1], [2, 3], [4, 5]]
     """
 
-    def __init__(self, device: torch.device, pin: bool) -> None:
+    def __init__(self, device: torch.device, pin: bool, new_stream: Callable[[], Any] | None = None,
+                 use_stream: Callable[[Any], AbstractContextManager[Any]] = torch.cuda.stream) -> None:
         self.device, self.pin = device, pin
+        self._new_stream, self._use_stream = new_stream, use_stream
         self._local = threading.local()
+
+    def stream(self) -> AbstractContextManager[Any]:
+        """This thread's stream, made current for the block (made on the thread's first use)."""
+        if self._new_stream is None:
+            return self._use_stream(None)
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            s = self._local.stream = self._new_stream()
+        return self._use_stream(s)
 
     def _buffer(self, key: str, t: torch.Tensor) -> torch.Tensor:
         bufs: dict[str, torch.Tensor] = self._local.__dict__.setdefault("bufs", {})

@@ -9,6 +9,7 @@ hooks rather than from a copy of the forward logic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -251,11 +252,11 @@ class LoadedModel:
 
 def score_batch(model: MultiTaskRanker, timer: StageTimer, staging: HostStaging | None, batch: Batch, tasks: list[str]) -> tuple[dict[str, np.ndarray], ForwardTimes]:
     """The model's own forward on one host batch: copied to the device (through pinned
-    buffers on a GPU), scored, the scores brought back in one copy (the one wait for the
-    device), then the stage events read."""
-    if staging is not None:
-        batch = staging.to_device(batch)
-    with torch.inference_mode(), timer.recording() as times:
+    buffers on a GPU, on the calling thread's own stream), scored, the scores brought back in
+    one copy (the one wait for the device), then the stage events read."""
+    with staging.stream() if staging is not None else contextlib.nullcontext(), torch.inference_mode(), timer.recording() as times:
+        if staging is not None:
+            batch = staging.to_device(batch)
         out = model.predict(batch, tasks)  # {task: (n,)}
         stacked = torch.stack([out[t] for t in tasks]).float().cpu().numpy()  # (T, n): one device-to-host copy
     times.settle()
@@ -294,7 +295,7 @@ def load_model(source: Bundle | str | Path, settings: ServingSettings, warm: boo
         bundle.model.to(device).eval()
         cuda = device.type == "cuda"
         timer = StageTimer(bundle.model, functools.partial(torch.cuda.Event, enable_timing=True) if cuda else CpuEvent)
-        staging = HostStaging(device, pin=True) if cuda else None
+        staging = HostStaging(device, pin=True, new_stream=functools.partial(torch.cuda.Stream, device)) if cuda else None
         batcher = None
         if settings.batch_window_ms > 0:
             forward = functools.partial(score_batch, bundle.model, timer, staging)
