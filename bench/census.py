@@ -266,7 +266,15 @@ def main() -> int:
     if args.cross_rank is not None:
         raw["model"] = {**raw.get("model", {}), "cross_rank": args.cross_rank}
     def pairs(text: str) -> dict:
-        return {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in text.split(",") if kv)}
+        """``a=1,b.c=x``: values parsed as YAML; a dotted key sets a key of a section."""
+        out: dict = {}
+        for k, _, v in (kv.partition("=") for kv in text.split(",") if kv):
+            *sections, key = k.split(".")
+            node = out
+            for s in sections:
+                node = node.setdefault(s, {})
+            node[key] = yaml.safe_load(v)
+        return out
 
     if args.dense:
         raw["features"] = [{**f, **pairs(args.dense)} if f["type"] == "dense" and "transform" not in f else f for f in raw["features"]]

@@ -289,10 +289,26 @@ class TaskSampling(_Strict):
         return self
 
 
+class LrSchedule(_Strict):
+    """How the learning rate moves from ``train.lr`` over training (``ranker.training.schedule``).
+
+    constant: ``lr`` throughout. plateau: multiply it by ``factor`` whenever the val monitor has
+    not improved for ``patience`` epochs (the counter restarts after each cut), never below
+    ``min_factor`` x ``lr``. cosine: from ``lr`` down to ``min_factor`` x ``lr`` along half a
+    cosine over ``train.epochs``, updated every step.
+    """
+
+    type: Literal["constant", "plateau", "cosine"] = "constant"
+    factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    patience: PositiveInt = 1
+    min_factor: float = Field(default=0.01, ge=0.0, le=1.0)
+
+
 class TrainConfig(_Strict):
     batch_size: PositiveInt = 1024
     epochs: PositiveInt = 5
     lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
     weight_decay: float = Field(default=1e-5, ge=0)
     weighting: str = "uncertainty"  # checked against the registry in training.weighting
     weighting_params: WeightingParams = Field(default_factory=WeightingParams)
@@ -318,6 +334,14 @@ class TrainConfig(_Strict):
     log_dir: str | None = None  # TensorBoard scalars (losses, metrics, weights, diagnostics)
     # tasks with their own ``data``: how batches are drawn from the sources (one source: unused)
     task_sampling: TaskSampling = Field(default_factory=TaskSampling)
+
+    @model_validator(mode="after")
+    def _cut_before_stop(self) -> TrainConfig:
+        ls = self.lr_schedule
+        if ls.type == "plateau" and ls.patience >= self.patience:
+            raise ValueError(f"lr_schedule.patience: {ls.patience} must be below train.patience ({self.patience}), "
+                             "or early stopping ends training before the first cut")
+        return self
 
 
 class AuditConfig(_Strict):

@@ -34,6 +34,7 @@ from ranker.training.diagnostics import EpochProbe, format_diagnostics
 from ranker.training.distributed import Collective
 from ranker.training.evaluation import accumulators
 from ranker.training.metrics import check_monitor, monitor_value
+from ranker.training.schedule import build_schedule
 from ranker.training.sources import (
     SourceCursor,
     Streams,
@@ -281,6 +282,7 @@ class Trainer:
         params = list(model.parameters()) + list(weighting.parameters())
         # fused: one kernel over all parameters, ~8x faster than the per-tensor loop on CPU
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        schedule = build_schedule(tc.lr_schedule, tc.epochs)
         scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
         if scaler is not None:
             # the weighting backpropagates losses times get_scale(); scaling one value
@@ -326,6 +328,7 @@ class Trainer:
                 model.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
                 weighting.load_state_dict(ck["weighting"])
+                schedule.load_state_dict(ck.get("schedule") or {})
                 if scaler is not None:
                     scaler.load_state_dict(ck["scaler"])
                 rng = ck["rng"][ranks.rank]
@@ -350,6 +353,7 @@ class Trainer:
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "optimizer": opt.state_dict(),
                     "weighting": weighting.state_dict(),
+                    "schedule": schedule.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": all_rng,
                     "progress": pg.state(),
@@ -392,6 +396,9 @@ class Trainer:
                 local += [float((~torch.isnan(batch[f"label:{t}"])).sum()) for t in loss_tasks]
                 counts = ranks.sum(torch.tensor(local, dtype=torch.float64)).tolist()
                 batch = to_device(batch, device)
+                lr = tc.lr * schedule.factor(epoch, i, steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 with autocast:
                     raw = model(batch, tasks)
                     types = {t: ty for t, ty in self.loss_types.items() if t in tasks}
@@ -438,6 +445,7 @@ class Trainer:
             score = monitor_value(tc.monitor, val.metrics, self.task_types)
             diag = probe.summary()
             record = {"epoch": epoch + 1, "train_loss": dict(pg.ema), "val": val.metrics, "monitor": score,
+                      "lr": opt.param_groups[0]["lr"],
                       "weights": {t: s / n for t, (s, n) in pg.weights.items()}, "diagnostics": diag,
                       "sources": {src.name: {"batches": int(n), "rows": sizes[k], "pass": cursor.passes[k] + 1, "rate": float(rates[k])}
                                   for k, (src, n) in enumerate(zip(sources, plan.sum(0), strict=True))}}
@@ -451,6 +459,9 @@ class Trainer:
                     f"{k} {v['batches']} {'sub-batches of ' + format(v['rows'], ',') + ' rows' if mix == 'rows' else 'batches'} (in pass {v['pass']})"
                     for k, v in record["sources"].items()))
             stop = False
+            line = schedule.end_of_epoch(score > pg.best)
+            if line:
+                self.log(line)
             if score > pg.best:
                 pg.best, pg.best_epoch, pg.bad_epochs = score, epoch + 1, 0
                 pg.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
