@@ -1,7 +1,7 @@
 """Training cost of the default numeric encoding against the old standardised path, measured
 interleaved so that a busy machine slows both sides alike.
 
-    python bench/bench_encoding_speed.py [--rounds 5] [--threads 1] [--encoding piecewise_linear]
+    python bench/bench_encoding_speed.py [--rounds 5] [--threads 1] [--encoding piecewise_linear] [--bins N]
 
 The model and data are bench_train_speed's (census train split, MMoE 8 x [128, 64], towers [32],
 embedding dim 16, batch 1024). Side A is every dense feature standardised (log1p for money), as
@@ -34,8 +34,11 @@ from ranker.training.weighting import StepContext, build_weighting  # noqa: E402
 STEPS = 20
 
 
-def side(out: Path, encoding: str | None) -> dict:
-    cfg = parse_config(speed_config(out, encoding))
+def side(out: Path, encoding: str | None, bins: int | None = None) -> dict:
+    raw = speed_config(out, encoding)
+    if bins is not None:  # bins of every embedded dense feature
+        raw["features"] = [{**f, "bins": bins} if f["type"] == "dense" and "encoding" in f else f for f in raw["features"]]
+    cfg = parse_config(raw)
     train = pq.ParquetFile(out / "train" / "part-0.parquet")
     batches = list(train.iter_batches(batch_size=65_536, columns=[f.source for f in cfg.features]))
     fz = Featurizer.fit(cfg.features, train.schema_arrow, batches, "train")
@@ -78,13 +81,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--encoding", default="piecewise_linear")
+    ap.add_argument("--bins", type=int, default=None, help="side B's bins per dense feature (default: the encoding's default)")
     ap.add_argument("--data", default=str(census.ROOT / "bench" / "out" / "census"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.data)
     if not (out / "config.yaml").is_file():
         census.prepare(out)
-    a, b = side(out, None), side(out, args.encoding)
+    a, b = side(out, None), side(out, args.encoding, args.bins)
     rows = sum(rb.num_rows for rb in a["batches"])
     step_seconds(a), step_seconds(b)  # warm-up
     times: dict[str, list[float]] = {"fa": [], "fb": [], "sa": [], "sb": []}
