@@ -134,6 +134,27 @@ def _staged_val_auc(clf, x_val, y_val, step: int) -> list[tuple[int, float]]:
     return out
 
 
+def gbdt_inputs(out: Path, splits: tuple[str, ...]) -> tuple[dict[str, pa.Table], dict[str, np.ndarray], np.ndarray]:
+    """The trees' inputs of each split (``splits`` starts with train): (tables, (N, F) float64
+    matrices, which of the F columns are categorical). Numbers as they are; categoricals as
+    ordinal codes from train's values, unseen or missing -> NaN (the trees' own missing branch)."""
+    inputs = [c for c in COLUMNS if c not in DROPPED and c != HELD_OUT]
+    tables = {s: pq.read_table(out / s / "part-0.parquet") for s in splits}
+    codes: dict[str, dict] = {}
+    mats: dict[str, np.ndarray] = {}
+    for split, t in tables.items():
+        cols = []
+        for c in inputs:
+            v = t.column(c).to_pylist()
+            if c in NUMERIC:
+                cols.append(np.asarray(v, dtype=np.float64))
+            else:
+                m = codes.setdefault(c, {x: i for i, x in enumerate(sorted({x for x in tables[splits[0]].column(c).to_pylist() if x is not None}, key=str))})
+                cols.append(np.asarray([m.get(x, np.nan) if x is not None else np.nan for x in v], dtype=np.float64))
+        mats[split] = np.stack(cols, axis=1)
+    return tables, mats, np.array([c not in NUMERIC for c in inputs])
+
+
 def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1, 0.2),
          leaves_grid: tuple[int, ...] = GBDT_LEAVES, l2_grid: tuple[float, ...] = GBDT_L2,
          chunk: int = 100, patience: int = 200) -> dict[str, dict]:
@@ -146,21 +167,7 @@ def gbdt(out: Path, seed: int = 0, rates: tuple[float, ...] = (0.05, 0.1, 0.2),
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    inputs = [c for c in COLUMNS if c not in DROPPED and c != HELD_OUT]
-    tables = {s: pq.read_table(out / s / "part-0.parquet") for s in ("train", "val", "test")}
-    codes: dict[str, dict] = {}
-    mats: dict[str, np.ndarray] = {}
-    for split, t in tables.items():
-        cols = []
-        for c in inputs:
-            v = t.column(c).to_pylist()
-            if c in NUMERIC:
-                cols.append(np.asarray(v, dtype=np.float64))
-            else:  # ordinal codes from train's values; unseen / missing -> NaN (trees' own missing branch)
-                m = codes.setdefault(c, {x: i for i, x in enumerate(sorted({x for x in tables["train"].column(c).to_pylist() if x is not None}, key=str))})
-                cols.append(np.asarray([m.get(x, np.nan) if x is not None else np.nan for x in v], dtype=np.float64))
-        mats[split] = np.stack(cols, axis=1)
-    is_cat = np.array([c not in NUMERIC for c in inputs])
+    tables, mats, is_cat = gbdt_inputs(out, ("train", "val", "test"))
     results = {}
     for task, label in (("income", "income"), ("marital", "never_married")):
         y = {s: t.column(label).to_numpy() for s, t in tables.items()}

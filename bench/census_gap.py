@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,26 +28,12 @@ import census  # noqa: E402
 LABEL = "never_married"
 
 
-def tree_scores(out: Path, lr: float, leaves: int, l2: float, trees: int) -> np.ndarray:
-    """Test probabilities of the trees fitted on train with the bench's inputs and codes."""
+def tree_scores(tables: dict, mats: dict, is_cat: np.ndarray, lr: float, leaves: int, l2: float, trees: int) -> np.ndarray:
+    """Test probabilities of the trees fitted on train with the bench's inputs (``census.gbdt_inputs``)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    inputs = [c for c in census.COLUMNS if c not in census.DROPPED and c != census.HELD_OUT]
-    tables = {s: pq.read_table(out / s / "part-0.parquet") for s in ("train", "test")}
-    codes: dict[str, dict] = {}
-    mats = {}
-    for split, t in tables.items():
-        cols = []
-        for c in inputs:
-            v = t.column(c).to_pylist()
-            if c in census.NUMERIC:
-                cols.append(np.asarray(v, dtype=np.float64))
-            else:  # ordinal codes from train's values, as census.gbdt builds them
-                m = codes.setdefault(c, {x: i for i, x in enumerate(sorted({x for x in tables["train"].column(c).to_pylist() if x is not None}, key=str))})
-                cols.append(np.asarray([m.get(x, np.nan) if x is not None else np.nan for x in v], dtype=np.float64))
-        mats[split] = np.stack(cols, axis=1)
     clf = HistGradientBoostingClassifier(learning_rate=lr, max_leaf_nodes=leaves, l2_regularization=l2, max_iter=trees, early_stopping=False,
-                                         categorical_features=np.array([c not in census.NUMERIC for c in inputs]), random_state=0)
+                                         categorical_features=is_cat, random_state=0)
     clf.fit(mats["train"], tables["train"].column(LABEL).to_numpy())
     return clf.predict_proba(mats["test"])[:, 1]
 
@@ -66,9 +51,10 @@ def main() -> int:
     from ranker.bundle import load_bundle
 
     lr, leaves, l2, trees = (float(x) for x in args.gbdt.split(","))
-    test = pq.read_table(args.out / "test" / "part-0.parquet")
+    tables, mats, is_cat = census.gbdt_inputs(args.out, ("train", "test"))
+    test = tables["test"]
     y = test.column(LABEL).to_numpy().astype(int)
-    trees_p = tree_scores(args.out, lr, int(leaves), l2, int(trees))
+    trees_p = tree_scores(tables, mats, is_cat, lr, int(leaves), l2, int(trees))
     print(f"trees (lr {lr:g}, {int(leaves)} leaves, L2 {l2:g}, {int(trees)} trees): test AUC {roc_auc_score(y, trees_p):.5f}")
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, len(y), len(y)) for _ in range(args.resamples)]

@@ -180,9 +180,7 @@ def plan_steps(rates: np.ndarray, steps: int, seed: int, epoch: int, mix: str) -
     """
     if mix == "rows":
         return np.ones((steps, len(rates)), dtype=bool)
-    if mix == "batches":
-        return np.eye(len(rates), dtype=bool)[schedule(rates, steps, seed, epoch)]
-    raise RankerError(f"train.task_sampling.mix: unknown mix {mix!r}; valid: rows, batches")
+    return np.eye(len(rates), dtype=bool)[schedule(rates, steps, seed, epoch)]  # the config admits rows | batches only
 
 
 # ----- sources -----------------------------------------------------------------------------------
