@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -212,7 +213,10 @@ def prepare(out: Path, seed: int = 0) -> Path:
     splits = {"train": perm[:n_train], "val": perm[n_train : n_train + n_val], "test": perm[n_train + n_val :]}
     for name, idx in splits.items():
         (out / name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.take(pa.array(np.sort(idx))), out / name / "part-0.parquet", row_group_size=16_384)
+        # written aside and renamed: a run already reading this file keeps the whole old one
+        tmp = out / name / f".part-0.parquet.{os.getpid()}"
+        pq.write_table(table.take(pa.array(np.sort(idx))), tmp, row_group_size=16_384)
+        os.replace(tmp, out / name / "part-0.parquet")
     cfg = {
         "data": {"train": "train", "val": "val", "test": "test"},
         "features": features(),
@@ -224,7 +228,9 @@ def prepare(out: Path, seed: int = 0) -> Path:
         "train": {"batch_size": 1024, "epochs": 30, "lr": 0.001, "weighting": "static", "seed": 0, "patience": 5},
     }
     path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tmp = out / f".config.yaml.{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 

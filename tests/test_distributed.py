@@ -255,6 +255,42 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path: Path) -> None:
     assert run.returncode != 0 and "world_size: 1 in the checkpoint, 2 now" in run.stderr
 
 
+def test_resume_takes_a_checkpoint_from_before_a_config_key_existed(tmp_path: Path) -> None:
+    """A checkpoint whose config lacks keys added since resumes while those keys keep their
+    defaults, and is refused, naming the key, once one is set otherwise."""
+    ck = tmp_path / "ck"
+    cfg = _config(tmp_path, epochs=1, checkpoint={"dir": str(ck), "every_steps": 100})
+    _train(cfg, tmp_path / "b")
+    path = checkpoints(ck)[0]
+    state = torch.load(path, weights_only=True)
+    conf = state["fingerprint"]["config"]
+    # as an older ranker wrote it: no learning-rate schedule, no numeric encodings
+    del conf["train"]["lr_schedule"]
+    dense = [f for f in conf["features"] if "encoding" in f and f["encoding"] is None]  # None: the default encoding
+    assert dense
+    for f in dense:
+        del f["encoding"]
+    torch.save(state, path)
+    logged: list[str] = []
+    Trainer(load_config(cfg), progress=False, log=logged.append).run(tmp_path / "c", resume=True)
+    assert any(line.startswith(f"resumed from {path}") for line in logged), logged
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"]["lr_schedule"] = {"type": "constant"}  # written out, but the default all the same
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(raw))
+    _train(same, tmp_path / "d", resume=True)
+    raw["train"]["lr_schedule"] = {"type": "cosine"}
+    other = tmp_path / "cosine.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RankerError, match=r"train\.lr_schedule: absent in the checkpoint, \{'type': 'cosine'"):
+        _train(other, tmp_path / "e", resume=True)
+    del state["fingerprint"]["config"]["train"]["lr"]  # a key the checkpoint has and this run lacks is never taken
+    state["fingerprint"]["config"]["train"]["retired_key"] = 1
+    torch.save(state, path)
+    with pytest.raises(RankerError, match=r"train\.retired_key: 1 in the checkpoint, absent now"):
+        _train(cfg, tmp_path / "f", resume=True)
+
+
 # ----- precision and tracking ------------------------------------------------------------------------
 
 

@@ -86,22 +86,38 @@ def load_latest(folder: str | Path, log: Any = None) -> dict[str, Any] | None:
     return None
 
 
-def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
-    """The first key path where two JSON-like values differ, with both values, else None."""
+AT_DEFAULT: Any = object()  # ``first_difference``'s ``explicit`` for a part left wholly at its defaults
+
+
+def first_difference(saved: Any, now: Any, where: str = "", explicit: Any = None) -> str | None:
+    """The first key path where two JSON-like values differ, with both values, else None.
+
+    ``explicit`` mirrors ``now`` with only the values that differ from their defaults (a
+    config's ``model_dump(exclude_defaults=True)``; ``AT_DEFAULT`` for a part wholly at its
+    defaults; None: no defaults known, compare strictly). A key that ``now`` has and ``saved``
+    lacks is then accepted while ``now`` leaves it at its default: the key came into the config
+    after the checkpoint was written, and keys come in with a default that keeps what runs did
+    before. Every other difference, a key dropped since included, is reported.
+    """
     if isinstance(saved, dict) and isinstance(now, dict):
         for k in list(saved) + [k for k in now if k not in saved]:
             sub = f"{where}.{k}" if where else str(k)
+            below = explicit.get(k, AT_DEFAULT) if isinstance(explicit, dict) else explicit
+            if k not in saved and k in now and below is AT_DEFAULT:
+                continue
             if k not in saved or k not in now:
                 was = repr(saved[k]) if k in saved else "absent"
                 is_now = repr(now[k]) if k in now else "absent"
                 return f"{sub}: {was} in the checkpoint, {is_now} now"
-            diff = first_difference(saved[k], now[k], sub)
+            diff = first_difference(saved[k], now[k], sub, below)
             if diff:
                 return diff
         return None
     if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)) and len(saved) == len(now):
         for i, (a, b) in enumerate(zip(saved, now, strict=True)):
-            diff = first_difference(a, b, f"{where}[{i}]")
+            below = explicit[i] if isinstance(explicit, list) and len(explicit) == len(now) else (
+                explicit if explicit is AT_DEFAULT else None)
+            diff = first_difference(a, b, f"{where}[{i}]", below)
             if diff:
                 return diff
         return None
@@ -110,12 +126,15 @@ def first_difference(saved: Any, now: Any, where: str = "") -> str | None:
     return None
 
 
-def check_resume(path: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def check_resume(path: str, saved: dict[str, Any], now: dict[str, Any], explicit: dict[str, Any] | None = None) -> None:
     """Refuse a resume whose config, data or world size differ from the checkpoint's.
+
+    ``explicit``: ``now`` less its values at their defaults (see ``first_difference``), so a
+    checkpoint written before a config key existed resumes while that key keeps its default.
 
     Raises:
         RankerError: one line naming the checkpoint and what changed.
     """
-    diff = first_difference(saved, now)
+    diff = first_difference(saved, now, explicit=explicit)
     if diff:
         raise RankerError(f"--resume: {path} does not match this run: {diff}")

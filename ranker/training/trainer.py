@@ -324,7 +324,8 @@ class Trainer:
             if ck is None:
                 self.log(f"--resume: no checkpoint in {tc.checkpoint.dir} yet; starting from the beginning")
             else:
-                check_resume(ck["path"], ck["fingerprint"], fingerprint)
+                explicit = {"config": self.cfg.model_dump(mode="json", exclude_defaults=True), "data": None, "world_size": None}
+                check_resume(ck["path"], ck["fingerprint"], fingerprint, explicit)
                 model.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
                 weighting.load_state_dict(ck["weighting"])
