@@ -218,7 +218,9 @@ def value_kind(t: pa.DataType) -> ValueKind | None:
 
 def _dense_values(arr: pa.Array | pa.ChunkedArray, encoding: str | None) -> np.ndarray:
     """Arrow numeric -> float64 with NaN for null/NaN/inf, log1p'd for that encoding."""
-    x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+    # safe=False: an int64 past 2**53 rounds to the nearest float64, as a number should (the
+    # checked cast would refuse it, and a dense feature is a float in the model all the same)
+    x = pc.cast(arr, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     x = np.where(np.isfinite(x), x, np.nan) if x.dtype == np.float64 else x.astype(np.float64)
     if encoding == "log1p":
         x = np.sign(x) * np.log1p(np.abs(x))  # defined for negatives too (refunds, deltas)

@@ -12,6 +12,12 @@ Reads the schema of the first file and up to ``sample_rows`` rows, then decides 
   with them); embedding width 1.6 d^0.56 (a common
   rule of thumb for embedding sizes) clipped to [16, 32]. The floor matters: on census, widths
   of 4-11 for the small vocabularies learnt never-married markedly slower than 16.
+- a column named as an identifier (``id``, ``*_id``, ``*_uid``, ``*_uuid``, ``*_guid``,
+  ``*_key``, ``*_hash``, or camel case ``userId``/``itemID``) -> ``categorical`` whatever its
+  type: the numeric order of user or item ids means nothing, and as a number an id would be
+  one useless input where an embedding per id is what a recommender learns from. An
+  identifier with every sampled value distinct is flagged in the header (a row key, such as a
+  request id, is better left out with ``--exclude``).
 - integer -> ``dense`` with the default encoding (quantile bins, no hand transform needed). An
   integer column with at most ``CODE_VALUES`` distinct values is often a code (industry,
   occupation, year) or a small count: it also enters as a categorical ``<column>_cat``, so the
@@ -49,6 +55,16 @@ from ranker.training.data import resolve_files
 SAMPLE_ROWS = 100_000
 CODE_VALUES = 64  # integer columns with at most this many distinct values also enter as a code
 MAX_BUCKETS = 2**18
+# identifier columns, by name: snake case (``user_id``, ``session_key``) or camel case (``itemId``)
+_ID_SNAKE = re.compile(r"(?:^|[_\-. ])(?:id|uid|uuid|guid|key|hash)$", re.IGNORECASE)  # "paid" is no id
+_ID_CAMEL = re.compile(r"[a-z0-9](?:Id|ID|Uid|UID|Uuid|UUID|Guid|GUID|Key|Hash)$")
+
+
+def is_identifier(column: str) -> bool:
+    """Whether a column's name says it holds identifiers (``user_id``, ``itemId``, ``ID``)."""
+    return bool(_ID_SNAKE.search(column) or _ID_CAMEL.search(column))
+
+
 COLLISION_FREE_VALUES = 256  # vocabularies up to this size get collision-free buckets
 VAL_NAMES = ("val", "valid", "validation")
 TEST_NAMES = ("test",)
@@ -121,6 +137,13 @@ def _feature(name: str, col: pa.ChunkedArray) -> tuple[list[dict], str]:
         col = col.cast(t)
     if col.null_count == len(col):
         return [], "left out: null in the whole sample"
+    if is_identifier(name) and (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        u = _distinct(col)
+        b, d = _collision_free_buckets(u, value_kind(t)), len(u)  # type: ignore[arg-type]
+        note = f"categorical (an identifier, by its name), {d} distinct"
+        if d == len(col) - col.null_count and d > 1:
+            note += "; every sampled value distinct: if it is a row key (a request id), --exclude it"
+        return [{"name": name, "type": "categorical", "buckets": b, "dim": _dim(d)}], note
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
         u = _distinct(col)
         b, d = _collision_free_buckets(u, value_kind(t)), len(u)  # type: ignore[arg-type]

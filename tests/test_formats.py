@@ -207,3 +207,17 @@ def test_negotiation() -> None:
     assert negotiate("application/json; charset=utf-8", ARROW_STREAM).arrow_response
     with pytest.raises(ServingError, match="content-type"):
         negotiate("application/x-protobuf", None)
+
+
+def test_dense_integers_past_2_53_round_like_floats_in_every_layout(rows: pa.Table) -> None:
+    """A dense feature sent as int64 beyond float64's exact range is a number like any other:
+    every layout scores it as the nearest float64 (the checked Arrow cast would refuse it)."""
+    big = [2**53 + 1, 10**17 + 3, -(2**60) - 1] * (rows.num_rows // 3)
+    as_int = rows.set_column(5, "price", pa.array(big, pa.int64()))
+    as_float = rows.set_column(5, "price", pa.array([float(v) for v in big], pa.float64()))
+    with app() as c:
+        want = c.post("/predict", json={"items": as_float.to_pylist()}).json()["scores"]
+        for r in (c.post("/predict", json={"items": as_int.to_pylist()}), c.post("/predict", json=columns_body(as_int)),
+                  c.post("/predict", content=arrow_body(as_int), headers=ARROW)):
+            assert r.status_code == 200, r.text
+            same(r.json()["scores"], want)

@@ -81,6 +81,38 @@ def test_init_writes_a_config_that_trains(data: Path, tmp_path: Path, capsys: py
     assert "click" in capsys.readouterr().out
 
 
+def test_identifier_columns_become_categorical_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ids are embedded, not numbers (64-bit ids past 2**53 included, as ``ranker synth``
+    writes them); a name that only ends in "id" stays what its type says; a unique id is
+    flagged as a possible row key; the config trains."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    users = rng.integers(2**60, 2**62, 300)
+    table = pa.table({
+        "user_id": pa.array(users[rng.integers(0, 300, n)], pa.int64()),
+        "itemId": pa.array([f"i{v}" for v in rng.integers(0, 500, n)]),
+        "request_id": pa.array(np.arange(n) * 7919, pa.int64()),
+        "paid": pa.array(rng.integers(0, 1000, n), pa.int64()),
+        "click": pa.array(rng.integers(0, 2, n), pa.int64()),
+    })
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        pq.write_table(table, tmp_path / split / "part-0.parquet")
+    out = tmp_path / "config.yaml"
+    assert main(["init", "--data", str(tmp_path / "train"), "--label", "click", "--out", str(out)]) == 0
+    text = out.read_text()
+    feats = {f.name: f for f in load_config(out).features}
+    assert set(feats) == {"user_id", "itemId", "request_id", "paid"}
+    assert feats["user_id"].type == "categorical" and feats["user_id"].buckets == _buckets(300)
+    assert feats["itemId"].type == "categorical" and feats["paid"].type == "dense"
+    assert "user_id: categorical (an identifier, by its name), 300 distinct\n" in text
+    assert "request_id: categorical (an identifier, by its name), 2000 distinct; every sampled value distinct" in text
+    raw = yaml.safe_load(text)
+    raw["train"].update(epochs=1, progress=False)
+    out.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(out), "--out", str(tmp_path / "bundle"), "--quiet"]) == 0, capsys.readouterr().err
+
+
 def test_label_existing_only_under_another_gets_its_mask(tmp_path: Path) -> None:
     n = 400
     click = np.arange(n) % 3 == 0

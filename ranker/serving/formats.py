@@ -194,7 +194,7 @@ def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
         t = _value_type(col.type)
         if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
             raise _bad(name, f"has type {col.type}; a dense feature needs numbers", "bad_type")
-        x = pc.cast(col, pa.float64())
+        x = pc.cast(col, pa.float64(), safe=False)  # int64 past 2**53 rounds, as in training
         finite = pc.is_finite(x)
         if not pc.all(finite, min_count=0).as_py():  # nulls are missing values, not errors
             i = _first(pc.invert(pc.fill_null(finite, True)))
