@@ -55,6 +55,9 @@ from ranker.training.data import resolve_files
 SAMPLE_ROWS = 100_000
 CODE_VALUES = 64  # integer columns with at most this many distinct values also enter as a code
 MAX_BUCKETS = 2**18
+COLLISION_FREE_VALUES = 256  # vocabularies up to this size get collision-free buckets
+VAL_NAMES = ("val", "valid", "validation")
+TEST_NAMES = ("test",)
 # identifier columns, by name: snake case (``user_id``, ``session_key``) or camel case (``itemId``)
 _ID_SNAKE = re.compile(r"(?:^|[_\-. ])(?:id|uid|uuid|guid|key|hash)$", re.IGNORECASE)  # "paid" is no id
 _ID_CAMEL = re.compile(r"[a-z0-9](?:Id|ID|Uid|UID|Uuid|UUID|Guid|GUID|Key|Hash)$")
@@ -63,11 +66,6 @@ _ID_CAMEL = re.compile(r"[a-z0-9](?:Id|ID|Uid|UID|Uuid|UUID|Guid|GUID|Key|Hash)$
 def is_identifier(column: str) -> bool:
     """Whether a column's name says it holds identifiers (``user_id``, ``itemId``, ``ID``)."""
     return bool(_ID_SNAKE.search(column) or _ID_CAMEL.search(column))
-
-
-COLLISION_FREE_VALUES = 256  # vocabularies up to this size get collision-free buckets
-VAL_NAMES = ("val", "valid", "validation")
-TEST_NAMES = ("test",)
 
 
 def _buckets(distinct: int) -> int:
@@ -137,17 +135,15 @@ def _feature(name: str, col: pa.ChunkedArray) -> tuple[list[dict], str]:
         col = col.cast(t)
     if col.null_count == len(col):
         return [], "left out: null in the whole sample"
-    if is_identifier(name) and (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+    string = pa.types.is_string(t) or pa.types.is_large_string(t)
+    identifier = is_identifier(name) and (string or pa.types.is_integer(t))
+    if identifier or string or pa.types.is_boolean(t):
         u = _distinct(col)
         b, d = _collision_free_buckets(u, value_kind(t)), len(u)  # type: ignore[arg-type]
-        note = f"categorical (an identifier, by its name), {d} distinct"
-        if d == len(col) - col.null_count and d > 1:
+        note = f"categorical{' (an identifier, by its name)' if identifier else ''}, {d} distinct"
+        if identifier and d == len(col) - col.null_count and d > 1:
             note += "; every sampled value distinct: if it is a row key (a request id), --exclude it"
         return [{"name": name, "type": "categorical", "buckets": b, "dim": _dim(d)}], note
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
-        u = _distinct(col)
-        b, d = _collision_free_buckets(u, value_kind(t)), len(u)  # type: ignore[arg-type]
-        return [{"name": name, "type": "categorical", "buckets": b, "dim": _dim(d)}], f"categorical, {d} distinct"
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         vt = t.value_type
         if not (pa.types.is_integer(vt) or pa.types.is_string(vt) or pa.types.is_large_string(vt)):
