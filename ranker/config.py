@@ -310,6 +310,10 @@ class TrainConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     lr_schedule: LrSchedule = Field(default_factory=LrSchedule)
     weight_decay: float = Field(default=1e-5, ge=0)
+    # categorical tables and bags: row-sparse gradients and a lazy Adam that moves only the rows
+    # a step looked up (no weight decay on them); a step then costs what the batch touches, not
+    # the tables' size (ranker.training.optim). Off: fused AdamW over every row
+    sparse_embeddings: bool = False
     weighting: str = "uncertainty"  # checked against the registry in training.weighting
     weighting_params: WeightingParams = Field(default_factory=WeightingParams)
     # per epoch: task-gradient cosines/norms and gate usage on this many sampled steps; 0 = off

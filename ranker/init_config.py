@@ -22,6 +22,9 @@ Reads the schema of the first file and up to ``sample_rows`` rows, then decides 
   integer column with at most ``CODE_VALUES`` distinct values is often a code (industry,
   occupation, year) or a small count: it also enters as a categorical ``<column>_cat``, so the
   model can learn a per-value effect as well as the ordered one, the way trees split either.
+- any table of ``SPARSE_BUCKETS`` rows or more (identifier tables, mostly) turns on
+  ``train.sparse_embeddings``: a step then moves only the rows it looked up, so its cost no
+  longer grows with the tables.
 - float -> ``dense``. Other types (timestamps, binary, structs) and columns that are null in the
   whole sample are left out and listed in the file's header.
 - each ``--label`` column: ``binary`` if its values are 0/1 (or boolean), else ``regression``
@@ -56,6 +59,9 @@ SAMPLE_ROWS = 100_000
 CODE_VALUES = 64  # integer columns with at most this many distinct values also enter as a code
 MAX_BUCKETS = 2**18
 COLLISION_FREE_VALUES = 256  # vocabularies up to this size get collision-free buckets
+# from this many rows in a table on, init turns on train.sparse_embeddings: below it a dense
+# AdamW step costs the same (bench/bench_sparse.py: 1.0x at 65,536 rows, 2.3x at 262,144)
+SPARSE_BUCKETS = 2**16
 VAL_NAMES = ("val", "valid", "validation")
 TEST_NAMES = ("test",)
 # identifier columns, by name: snake case (``user_id``, ``session_key``) or camel case (``itemId``)
@@ -280,6 +286,10 @@ def infer_config(
     }
     header = [f"written by `ranker init` from {table.num_rows:,} sampled rows of {where}", "columns:"]
     header += [f"  {n}" for n in notes] + ["tasks:"] + [f"  {n}" for n in task_notes]
+    largest = max((f["buckets"] for f in features if "buckets" in f), default=0)
+    if largest >= SPARSE_BUCKETS:
+        cfg["train"]["sparse_embeddings"] = True
+        header += ["train:", f"  sparse_embeddings: the largest table has {largest:,} rows; a step updates only the rows it looked up"]
     return cfg, header
 
 

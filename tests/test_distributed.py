@@ -135,13 +135,17 @@ def test_histogram_auc_against_pair_count() -> None:
 # ----- several processes -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("architecture", "weighting"), [("shared_bottom", "pcgrad"), ("mmoe", "mgda"), ("ple", "gradnorm")])
-def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str, weighting: str) -> None:
+# sparse: row-sparse table gradients gathered over ranks; with PCGrad they first reach the
+# tables densely (the method's combined direction), with uncertainty straight from the lookups
+@pytest.mark.parametrize(("architecture", "weighting", "sparse"), [
+    ("shared_bottom", "pcgrad", False), ("mmoe", "mgda", False), ("ple", "gradnorm", False),
+    ("mmoe", "pcgrad", True), ("shared_bottom", "uncertainty", True)])
+def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str, weighting: str, sparse: bool) -> None:
     """sharding: batches gives 2 ranks exactly the batches of one process. With a masked task
     (cvr) and a gradient method — PCGrad on the shared parameters (task gradients summed over
     ranks), MGDA-UB and GradNorm on the representation (Gram matrices summed) — the weights
-    agree to rounding."""
-    cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2)
+    agree to rounding; so they do with ``sparse_embeddings``."""
+    cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2, sparse_embeddings=sparse)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model"]["architecture"] = architecture
     cfg_path.write_text(yaml.safe_dump(raw))
@@ -201,11 +205,13 @@ def _kill_after_checkpoint(proc: subprocess.Popen, folder: Path, count: int) -> 
 
 
 # cosine: the learning rate changes every step, so a resume must restart at the right one
-@pytest.mark.parametrize(("weighting", "schedule"), [("famo", "constant"), ("pcgrad", "cosine")])
-def test_sigkill_and_resume_give_byte_identical_weights(tmp_path: Path, weighting: str, schedule: str) -> None:
+# sparse: SparseAdam's per-row moments and step count come back from the checkpoint too
+@pytest.mark.parametrize(("weighting", "schedule", "sparse"), [("famo", "constant", False), ("pcgrad", "cosine", False),
+                                                               ("uncertainty", "constant", True)])
+def test_sigkill_and_resume_give_byte_identical_weights(tmp_path: Path, weighting: str, schedule: str, sparse: bool) -> None:
     ck = tmp_path / "ck"
     cfg = _config(tmp_path, weighting=weighting, epochs=3, batch_size=64, checkpoint={"dir": str(ck), "every_steps": 7, "keep": 2},
-                  lr_schedule={"type": schedule})
+                  lr_schedule={"type": schedule}, sparse_embeddings=sparse)
     raw = yaml.safe_load(cfg.read_text())
     raw["model"]["dropout"] = 0.2  # the RNG state must come back too
     cfg.write_text(yaml.safe_dump(raw))

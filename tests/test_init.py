@@ -15,7 +15,7 @@ import yaml
 from ranker.cli import main
 from ranker.config import load_config
 from ranker.features import _hash_array
-from ranker.init_config import _buckets, _collision_free_buckets, _dim
+from ranker.init_config import SPARSE_BUCKETS, _buckets, _collision_free_buckets, _dim
 
 
 def _table(n: int, seed: int) -> pa.Table:
@@ -172,3 +172,23 @@ def test_bucket_rule_avoids_collisions_in_small_vocabularies() -> None:
     assert 20_000 <= b < 20_000 + 256 and len(set(_hash_array(values, "str", b).tolist())) == 200
     ids = pa.array(range(30_000))
     assert _collision_free_buckets(ids, "int") == _buckets(30_000)  # large vocabularies: no search
+
+
+def test_a_large_identifier_table_turns_on_sparse_embeddings(tmp_path: Path) -> None:
+    """5,000 distinct user ids get 80,000 buckets, past SPARSE_BUCKETS: init writes
+    ``sparse_embeddings: true`` and says why; without the id column it does not."""
+    rng = np.random.default_rng(1)
+    n = 6000
+    table = pa.table({"user_id": pa.array(rng.permutation(n) % 5000, pa.int64()),
+                      "device": pa.array(rng.choice(["ios", "android"], n)),
+                      "click": pa.array(rng.integers(0, 2, n), pa.int64())})
+    pq.write_table(table, tmp_path / "train.parquet")
+    pq.write_table(table, tmp_path / "val.parquet")
+    with_ids = tmp_path / "ids.yaml"
+    assert main(["init", "--data", str(tmp_path / "train.parquet"), "--label", "click", "--out", str(with_ids)]) == 0
+    cfg = load_config(with_ids)
+    assert cfg.features[0].buckets == _buckets(5000) >= SPARSE_BUCKETS and cfg.train.sparse_embeddings
+    assert f"sparse_embeddings: the largest table has {_buckets(5000):,} rows" in with_ids.read_text()
+    without = tmp_path / "plain.yaml"
+    assert main(["init", "--data", str(tmp_path / "train.parquet"), "--label", "click", "--exclude", "user_id", "--out", str(without)]) == 0
+    assert not load_config(without).train.sparse_embeddings

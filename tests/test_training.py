@@ -183,3 +183,42 @@ def test_bundle_json_writes_undefined_metrics_as_null() -> None:
 
     doc = json.loads(_json_bytes({"val": {"cvr": {"auc": float("nan"), "count": 3}}, "monitor": [float("-inf"), 1.5]}))
     assert doc == {"val": {"cvr": {"auc": None, "count": 3}}, "monitor": [None, 1.5]}
+
+
+# ----- row-sparse embedding updates (train.sparse_embeddings) ---------------------------------
+
+
+def _table_step(sparse: bool, dense_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of an encoder whose batch looks up rows 1 and 3 of a 6-row table:
+    the table's weights (before, after)."""
+    from ranker.config import FeatureSpec
+    from ranker.model.encoder import Encoder
+    from ranker.training.optim import build_optimizer, row_sparse
+
+    torch.manual_seed(0)
+    enc = Encoder([FeatureSpec(name="u", type="categorical", buckets=5, dim=4), FeatureSpec(name="p", type="dense", encoding="standard")])
+    tables = enc.sparse_tables() if sparse else []
+    opt = build_optimizer(list(enc.parameters()), tables, lr=0.1, weight_decay=0.01)
+    before = enc.tables[0].weight.detach().clone()
+    out = enc({"cat": torch.tensor([[1], [3], [3]]), "dense": torch.ones(3, 1)})
+    if dense_grad:  # what a gradient method on the shared parameters leaves: a dense .grad
+        (g,) = torch.autograd.grad(out.square().sum(), [enc.tables[0].weight])
+        enc.tables[0].weight.grad = g.to_dense()
+    else:
+        out.square().sum().backward()
+        assert enc.tables[0].weight.grad.is_sparse == sparse  # type: ignore[union-attr]
+    row_sparse(tables)
+    opt.step()
+    return before, enc.tables[0].weight.detach()
+
+
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_sparse_embeddings_move_only_the_rows_a_step_looked_up(dense_grad: bool) -> None:
+    before, after = _table_step(sparse=True, dense_grad=dense_grad)
+    moved = (after != before).any(1).tolist()
+    assert moved == [False, True, False, True, False, False]
+    _, dense_after = _table_step(sparse=False)
+    # the looked-up rows take the same first Adam step (lr x sign of the gradient), give or take
+    # AdamW's decay; dense AdamW also decays every other row
+    torch.testing.assert_close(after[[1, 3]], dense_after[[1, 3]], rtol=0, atol=0.1 * 0.01 * 1.0 + 1e-6)
+    assert (dense_after != before).all(1).all()

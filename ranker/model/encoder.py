@@ -86,6 +86,15 @@ class Encoder(nn.Module):
         self.out_dim = width
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
 
+    def sparse_tables(self) -> list[nn.Parameter]:
+        """Switch the categorical tables and bags to row-sparse gradients (only the rows a batch
+        looks up) and return their weights, for an optimiser that updates rows. Outputs and the
+        saved weights are unchanged; only the gradients' layout is."""
+        mods: list[nn.Embedding | nn.EmbeddingBag] = [*self.tables, *self.bags.values()]
+        for m in mods:
+            m.sparse = True
+        return [m.weight for m in mods]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
         cat = batch["cat"]  # (B, n_cat)

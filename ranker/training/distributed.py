@@ -117,8 +117,9 @@ class Collective:
         if self.world > 1:
             dist.barrier()
 
-    def sum_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """Add up every rank's gradient shares in place: one all-reduce over a flat buffer.
+    def sum_gradients(self, params: Sequence[nn.Parameter], sparse: Sequence[nn.Parameter] = ()) -> None:
+        """Add up every rank's gradient shares in place: one all-reduce over a flat buffer, and
+        for the ``sparse`` parameters (row-sparse gradients) a gather of the rows each rank touched.
 
         A parameter without a gradient on every rank keeps ``grad = None`` (so the optimiser
         skips it exactly as in one process); one with a gradient on some rank gets zeros
@@ -129,6 +130,10 @@ class Collective:
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
         has = self.max(has)
         live = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+        rows = [p for p in live if any(p is q for q in sparse)]
+        if rows:
+            self._sum_sparse(rows)
+            live = [p for p in live if all(p is not q for q in rows)]
         if not live:
             return
         for p in live:
@@ -141,6 +146,31 @@ class Collective:
             n = p.numel()
             p.grad.copy_(flat[i : i + n].view_as(p))  # type: ignore[union-attr]
             i += n
+
+    def _sum_sparse(self, params: Sequence[nn.Parameter]) -> None:
+        """Sum row-sparse gradients (``train.sparse_embeddings``): every rank gathers every rank's
+        rows and values, padded to the longest, and adds them up, so the traffic is the rows the
+        step touched, not the tables. A rank without a gradient for one of them sends no rows."""
+        grads = [p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(  # no row on this rank
+            torch.zeros((1, 0), dtype=torch.long, device=p.device), torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device), p.shape)
+            for p in params]
+        counts = torch.tensor([g._nnz() for g in grads], dtype=torch.long, device=self.device)
+        every = [torch.empty_like(counts) for _ in range(self.world)]
+        dist.all_gather(every, counts)
+        longest = torch.stack(every).max(0).values.tolist()
+        for j, (p, g, n) in enumerate(zip(params, grads, longest, strict=True)):
+            idx = torch.zeros(n, dtype=torch.long, device=self.device)
+            val = torch.zeros((n, *g.shape[1:]), dtype=g.dtype, device=self.device)
+            idx[: g._nnz()] = g.indices()[0]
+            val[: g._nnz()] = g.values()
+            idxs = [torch.empty_like(idx) for _ in range(self.world)]
+            vals = [torch.empty_like(val) for _ in range(self.world)]
+            dist.all_gather(idxs, idx)
+            dist.all_gather(vals, val)
+            k = [int(c[j]) for c in every]  # this parameter's row count on each rank
+            rows = torch.cat([i[:m] for i, m in zip(idxs, k, strict=True)])
+            values = torch.cat([v[:m] for v, m in zip(vals, k, strict=True)])
+            p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, g.shape).coalesce()
 
     def check_same(self, what: str, value: Any) -> None:
         """Refuse to go on unless every rank holds the same ``value`` (e.g. the config)."""

@@ -34,6 +34,7 @@ from ranker.training.diagnostics import EpochProbe, format_diagnostics
 from ranker.training.distributed import Collective
 from ranker.training.evaluation import accumulators
 from ranker.training.metrics import check_monitor, monitor_value
+from ranker.training.optim import build_optimizer, row_sparse
 from ranker.training.schedule import build_schedule
 from ranker.training.sources import (
     SourceCursor,
@@ -280,8 +281,8 @@ class Trainer:
         if ranks.world > 1:  # the same initial weights everywhere (same seed), own dropout masks
             torch.manual_seed(tc.seed * 1_000_003 + ranks.rank)
         params = list(model.parameters()) + list(weighting.parameters())
-        # fused: one kernel over all parameters, ~8x faster than the per-tensor loop on CPU
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        tables = model.encoder.sparse_tables() if tc.sparse_embeddings else []
+        opt = build_optimizer(params, tables, tc.lr, tc.weight_decay)
         schedule = build_schedule(tc.lr_schedule, tc.epochs)
         scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
         if scaler is not None:
@@ -420,7 +421,8 @@ class Trainer:
                     for t, w in weighting.backward(losses, ctx).items():
                         acc = pg.weights.setdefault(t, [0.0, 0])
                         acc[0], acc[1] = acc[0] + w, acc[1] + 1
-                    ranks.sum_gradients(params)
+                    row_sparse(tables)
+                    ranks.sum_gradients(params, sparse=tables)
                     if scaler is not None:
                         scaler.step(opt)
                         scaler.update()

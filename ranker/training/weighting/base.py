@@ -94,7 +94,9 @@ def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tenso
     rows = []
     for loss in losses.values():
         grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(inputs), retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1).float() for g, x in zip(grads, inputs, strict=True)]))
+        # a row-sparse table gradient (train.sparse_embeddings) enters densely, like any other
+        rows.append(torch.cat([(g.to_dense() if g is not None and g.is_sparse else g if g is not None else torch.zeros_like(x)).reshape(-1).float()
+                               for g, x in zip(grads, inputs, strict=True)]))
     g = torch.stack(rows)  # (T, P)
     return g / loss_scale if loss_scale != 1.0 else g
 
