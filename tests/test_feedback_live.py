@@ -4,8 +4,10 @@ over). Every labelled validation row goes back through POST /feedback, split ove
 
 - the raw sums in Prometheus are exactly the events each live process counted;
 - the recording rules (calibration, NE, binned AUC, RMSE over 1h) equal what `ranker evaluate`
-  reports for the same data, within a tolerance: increase() extrapolates each replica's window
-  a little, so only the ratios, not the sums, are expected to match closely;
+  reports for the same data, to rounding. increase() extrapolates each replica's window by its
+  own factor, so the sums are not exact, and ratios over replicas holding different events
+  would weight them unequally (0.2-0.5% off on cvr, now and then past a 0.5% tolerance): every
+  event goes to both replicas, so the weighting cancels;
 - the restart does not distort them: the 1h event count covers the events before the restart;
 - refused events are counted by reason.
 """
@@ -79,8 +81,12 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
     rng = np.random.default_rng(7)
     events = [events[i] for i in rng.permutation(len(events))]
     n = len(events)
-    # before the restart: 40% to a, 20% to b; after it: 20% to the new a, 20% to b
-    a1, b1, a2, b2 = np.split(np.arange(n), [int(0.4 * n), int(0.6 * n), int(0.8 * n)])
+    # every event goes to both replicas: 70% before the restart (to a and to b), 30% after it
+    # (to the new a and to b). increase() extrapolates each replica's window by its own factor
+    # (a young series more); with the same events on both, that weighting cannot move the
+    # ratios the rules compute, so they must equal the offline figures
+    a1, a2 = np.split(np.arange(n), [int(0.7 * n)])
+    b1, b2 = a1, a2
     pick = lambda idx: [events[i] for i in idx]  # noqa: E731
 
     port_a, port_b = free_port(), free_port()
@@ -123,11 +129,11 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
                 assert refused == {("ctr", "unknown_model_version"): 2, ("", "unknown_task"): 1, ("ctr", "score_out_of_range"): 2, ("ctr", "bad_label"): 2}
 
                 # the restart: the rule's 1h count still covers a's events from before it
-                total = _count(events)
+                total = {t: 2 * c for t, c in _count(events).items()}  # every event, at both replicas
                 wait_for_data(prom.url, f'task:ranker_feedback_labelled:increase1h{{task="ctr"}} > {0.97 * total["ctr"]}')
                 # increase() extrapolates each series to the window's end by up to a scrape
                 # interval: up to tens of percent more on series only seconds old on a slow
-                # machine (1.15x was seen). Losing a's first life would give 60%.
+                # machine (1.15x was seen). Losing a's first life would give 65%.
                 counted = _by_task(prom.url, "task:ranker_feedback_labelled:increase1h")
                 assert all(0.97 * total[t] <= counted[t] <= 1.5 * total[t] for t in TASKS), (counted, total)
                 assert all(_count(live)[t] < 0.7 * total[t] for t in TASKS)  # the raw sums did lose it
@@ -144,4 +150,4 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
     assert set(rules["ne"]) == set(rules["auc_binned"]) == {"ctr", "cvr"} and set(rules["rmse"]) == {"watch"}
     for key, per_task in rules.items():
         for task, got in per_task.items():
-            assert got == pytest.approx(offline[task][key], rel=5e-3), (key, task, got, offline[task][key])
+            assert got == pytest.approx(offline[task][key], rel=1e-6), (key, task, got, offline[task][key])
