@@ -84,6 +84,14 @@ class LossWeighting(Weighting):
         return weights
 
 
+def _dense(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` as a dense tensor shaped like ``x``: zeros where the input was not reached, a
+    row-sparse table gradient (``train.sparse_embeddings``) filled in."""
+    if grad is None:
+        return torch.zeros_like(x)
+    return grad.to_dense() if grad.is_sparse else grad
+
+
 def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor:
     """Each task's gradient with respect to ``inputs``, flattened: (T, P) in ``losses`` order.
 
@@ -94,9 +102,7 @@ def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tenso
     rows = []
     for loss in losses.values():
         grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(inputs), retain_graph=True, allow_unused=True)
-        # a row-sparse table gradient (train.sparse_embeddings) enters densely, like any other
-        rows.append(torch.cat([(g.to_dense() if g is not None and g.is_sparse else g if g is not None else torch.zeros_like(x)).reshape(-1).float()
-                               for g, x in zip(grads, inputs, strict=True)]))
+        rows.append(torch.cat([_dense(g, x).reshape(-1).float() for g, x in zip(grads, inputs, strict=True)]))
     g = torch.stack(rows)  # (T, P)
     return g / loss_scale if loss_scale != 1.0 else g
 
