@@ -57,6 +57,18 @@ class QuantileSketch:
         self.levels[0] = np.concatenate([self.levels[0], x])
         self._compact()
 
+    def merge(self, other: QuantileSketch) -> None:
+        """Add another sketch's values (another rank's share of the data): level by level, then
+        compacted as usual, so the merged sketch keeps the same bound. While both hold fewer
+        than ``k`` values in all, the merge is exact: the sketch of the union."""
+        self.count += other.count
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        for h, items in enumerate(other.levels):
+            if h == len(self.levels):
+                self.levels.append(np.empty(0))
+            self.levels[h] = np.concatenate([self.levels[h], items])
+        self._compact()
+
     def _compact(self) -> None:
         h = 0
         while h < len(self.levels):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -257,10 +257,40 @@ class RunningMoments:
         self.m2 += m2_b + delta * delta * self.count * n / total
         self.count = total
 
+    def merge(self, other: RunningMoments) -> None:
+        """Fold in moments kept over other values (another rank's rows)."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        self.count = total
+
     @property
     def std(self) -> float:
         var = self.m2 / self.count if self.count else 0.0
         return math.sqrt(var) if var > 1e-12 else 1.0  # constant column: scale 1, centred at 0
+
+
+@dataclass
+class DenseFit:
+    """What the fit pass keeps for the dense features: moments (standard, log1p) and quantile
+    sketches (piecewise_linear, periodic). Both merge, so ranks can each fit their own share of
+    the rows and combine the results."""
+
+    moments: dict[str, RunningMoments]
+    sketches: dict[str, QuantileSketch]
+
+    @classmethod
+    def empty(cls, dense: Sequence[FeatureSpec]) -> DenseFit:
+        return cls({f.name: RunningMoments() for f in dense if not f.embedded}, {f.name: QuantileSketch() for f in dense if f.embedded})
+
+    def merge(self, other: DenseFit) -> None:
+        for name, m in other.moments.items():
+            self.moments[name].merge(m)
+        for name, sk in other.sketches.items():
+            self.sketches[name].merge(sk)
 
 
 @dataclass
@@ -364,19 +394,23 @@ class Featurizer:
         batches: Iterable[pa.RecordBatch],
         where: str,
         bias: Sequence[str] = (),
+        combine: Callable[[DenseFit], DenseFit] | None = None,
     ) -> Featurizer:
         """One streaming pass over training batches: value kinds from the schema, dense moments
-        (standard, log1p) and quantile sketches (piecewise_linear, periodic), bounded memory."""
+        (standard, log1p) and quantile sketches (piecewise_linear, periodic), bounded memory.
+        ``combine`` turns the statistics of these batches into those of all the training rows
+        (a rank's share merged with the other ranks'); without it the batches are all of them."""
         kinds = cls.check_schema(features, schema, where)
         dense = [f for f in features if f.type == "dense"]
-        moments = {f.name: RunningMoments() for f in dense if not f.embedded}
-        sketches = {f.name: QuantileSketch() for f in dense if f.embedded}
+        fit = DenseFit.empty(dense)
         for rb in batches:
             for f in dense:
                 x = _dense_values(rb.column(f.source), f.encoding)
-                (sketches[f.name] if f.embedded else moments[f.name]).update(x)
-        stats = {name: (m.mean, m.std) for name, m in moments.items()}
-        edges = {f.name: bin_edges(sketches[f.name], f.bins) for f in dense if f.embedded}  # type: ignore[arg-type]
+                (fit.sketches[f.name] if f.embedded else fit.moments[f.name]).update(x)
+        if combine is not None:
+            fit = combine(fit)
+        stats = {name: (m.mean, m.std) for name, m in fit.moments.items()}
+        edges = {f.name: bin_edges(fit.sketches[f.name], f.bins) for f in dense if f.embedded}  # type: ignore[arg-type]
         return cls(list(features), kinds, stats, edges, list(bias))
 
     # ----- state ---------------------------------------------------------------------------

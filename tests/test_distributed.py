@@ -144,16 +144,23 @@ def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Pa
     """sharding: batches gives 2 ranks exactly the batches of one process. With a masked task
     (cvr) and a gradient method — PCGrad on the shared parameters (task gradients summed over
     ranks), MGDA-UB and GradNorm on the representation (Gram matrices summed) — the weights
-    agree to rounding; so they do with ``sparse_embeddings``."""
+    agree to rounding; so they do with ``sparse_embeddings``. The featurizer, fitted on half
+    the train rows per rank and merged, is one process's: the same bin edges, the same moments."""
     cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2, sparse_embeddings=sparse)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model"]["architecture"] = architecture
+    raw["features"].append({"name": "price_bins", "column": "price", "type": "dense"})  # piecewise_linear: a sketch
     cfg_path.write_text(yaml.safe_dump(raw))
     one = _train(cfg_path, tmp_path / "one")
     run = _torchrun(cfg_path, tmp_path / "two", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads(run.stdout)
     assert two["throughput"]["ranks"] == 2
+    fa, fb = (json.loads((tmp_path / d / "manifest.json").read_text())["featurizer"] for d in ("one", "two"))
+    assert fa["edges"]["price_bins"] and fb["edges"] == fa["edges"]  # under the sketch's k values: merged exactly
+    assert fa["dense_stats"] and fb["dense_stats"].keys() == fa["dense_stats"].keys()
+    for k, v in fa["dense_stats"].items():
+        assert fb["dense_stats"][k] == pytest.approx(v, rel=1e-9), k
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
@@ -164,6 +171,8 @@ def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Pa
 
 
 def test_row_group_shards_train_as_well_as_one_process(tmp_path: Path) -> None:
+    """Row-group sharding trains as well as one process; the featurizer's fit pass is shared
+    too (each rank reads half the train rows)."""
     cfg = _config(tmp_path, weighting="uncertainty", epochs=2)
     one = _train(cfg, tmp_path / "one")
     run = _torchrun(cfg, tmp_path / "two", "--json")
@@ -172,6 +181,29 @@ def test_row_group_shards_train_as_well_as_one_process(tmp_path: Path) -> None:
     assert two["val"]["ctr"]["count"] == one["val"]["ctr"]["count"] == 750  # every val row, once
     for t in ("ctr", "cvr"):
         assert abs(two["val"][t]["auc"] - one["val"][t]["auc"]) < 0.03, t
+    assert "featurizer fitted on 3,000 train rows in" in run.stderr and "read once over 2 ranks (1,500/1,500)" in run.stderr
+
+
+def test_a_bad_label_in_one_ranks_share_stops_every_rank(tmp_path: Path) -> None:
+    """The fit pass reads each row group on one rank only: a bad value there must still end
+    the whole run with the one-line error, not leave the other rank waiting."""
+    root = tmp_path / "logs"
+    cfg = _config(root, epochs=1)
+    for f in (root / "train").glob("*.parquet"):
+        f.unlink()
+    table = make_table(2000, 1)
+    clicks = table.column("click").to_numpy().copy()
+    clicks[1500] = 3  # in the second row group, which plan_units deals to rank 1
+    table = table.set_column(table.schema.get_field_index("click"), "click", pa.array(clicks))
+    pq.write_table(table, root / "train" / "part-0.parquet", row_group_size=1000)
+    src = ParquetSource(str(root / "train"), "data.train", ["click"])
+    assert [u.group for u in plan_units(src.units, 2)[1]] == [1]
+    run = _torchrun(cfg, tmp_path / "b", timeout=180)
+    assert run.returncode != 0 and not (tmp_path / "b").exists()
+    msg = "part-0.parquet: column 'click' has value 3"
+    assert run.stderr.count(msg) == 2, run.stderr[-3000:]  # each rank says it (the lines may interleave)
+    assert run.stderr.count("exitcode  : 2") == 2  # and both ranks exit as the CLI does on a user error
+    assert "trainer.py" not in run.stderr  # no traceback from the ranks (torchrun prints its own)
 
 
 def test_uneven_files_finish_and_report_what_is_left_out(tmp_path: Path) -> None:

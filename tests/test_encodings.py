@@ -83,6 +83,41 @@ def test_sketch_quantiles_match_exact_within_rank_tolerance() -> None:
     assert w.sum() == x.size and np.all(np.diff(v) >= 0)
 
 
+def test_merged_shard_sketches_keep_the_bound_and_are_exact_while_small() -> None:
+    """Ranks each sketch a share of the rows and merge: the merged sketch keeps the rank bound
+    and the memory bound of one sketch over all rows; under k values it is exact."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.zeros(60_000), rng.lognormal(4.0, 2.0, 140_000)])
+    rng.shuffle(x)
+    shards = []
+    for part in np.array_split(x, 3):
+        s = QuantileSketch(k=1024)
+        for chunk in np.array_split(part, 11):
+            s.update(chunk)
+        shards.append(s)
+    merged = shards[0]
+    for s in shards[1:]:
+        merged.merge(s)
+    assert merged.count == x.size and (merged.min, merged.max) == (x.min(), x.max())
+    v, w = merged.weighted()
+    assert w.sum() == x.size and sum(lv.size for lv in merged.levels) < 1024 * len(merged.levels)
+    qs = np.linspace(0.01, 0.99, 99)
+    est = merged.quantiles(qs)
+    lo = np.searchsorted(np.sort(x), est, side="left") / x.size
+    hi = np.searchsorted(np.sort(x), est, side="right") / x.size
+    assert np.maximum(0.0, np.maximum(lo - qs, qs - hi)).max() < 0.01
+    small = [QuantileSketch(), QuantileSketch()]
+    whole = QuantileSketch()
+    for i, chunk in enumerate(np.array_split(x[:5_000], 6)):
+        small[i % 2].update(chunk)
+        whole.update(chunk)
+    small[0].merge(small[1])
+    np.testing.assert_array_equal(bin_edges(small[0], 32), bin_edges(whole, 32))
+    empty = QuantileSketch()
+    empty.merge(whole)  # a rank whose share held no rows
+    np.testing.assert_array_equal(bin_edges(empty, 32), bin_edges(whole, 32))
+
+
 def test_bin_edges_give_a_point_mass_its_own_edge_and_share_the_rest() -> None:
     rng = np.random.default_rng(0)
     money = np.concatenate([np.zeros(9_000), rng.lognormal(8.0, 1.0, 1_000)])

@@ -126,6 +126,14 @@ def test_running_moments_match_numpy() -> None:
     assert m.count == x.size
     assert m.mean == pytest.approx(x.mean(), rel=1e-12)
     assert m.std == pytest.approx(x.std(), rel=1e-9)
+    shards = [RunningMoments(), RunningMoments(), RunningMoments()]  # ranks' shares; the last one empty
+    for shard, chunk in zip(shards, np.array_split(x, [3_000]), strict=False):
+        shard.update(chunk)
+    merged = RunningMoments()
+    for s in shards:
+        merged.merge(s)
+    assert merged.count == x.size
+    assert merged.mean == pytest.approx(x.mean(), rel=1e-12) and merged.std == pytest.approx(x.std(), rel=1e-9)
 
 
 def test_fit_normalises_with_train_stats() -> None:

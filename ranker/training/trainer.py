@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ranker.bundle import save_bundle
 from ranker.config import RankerConfig, TaskSpec
 from ranker.errors import RankerError
-from ranker.features import Featurizer, RunningMoments
+from ranker.features import DenseFit, Featurizer, RunningMoments
 from ranker.model import MultiTaskRanker
 from ranker.reference import reference_histogram
 from ranker.training.checkpoint import check_resume, load_latest, save_checkpoint
@@ -194,7 +194,12 @@ class Trainer:
     def fit_featurizer(self, sources: list[TaskSource]) -> tuple[Featurizer, dict[str, tuple[float, float]]]:
         """One streaming pass over every source's train split: dense statistics over all of
         them, label checks, regression target stats over each task's own source. Every split's
-        schema is checked against the first train file's first (value kinds must agree)."""
+        schema is checked against the first train file's first (value kinds must agree).
+
+        Over several ranks the pass is shared: each rank reads a disjoint share of every train
+        split's row groups (``plan_units`` in file order), and the ranks then merge their
+        statistics in rank order, so every rank builds the same featurizer from one reading of
+        the data in all. A bad label on one rank's share stops every rank with that error."""
         first = sources[0].train
         assert first.schema is not None
         kinds = Featurizer.check_schema(self.cfg.features, first.schema, str(first.files[0]))
@@ -204,19 +209,55 @@ class Trainer:
                     Featurizer(self.cfg.features, kinds).check_compatible(split.schema, str(split.files[0]))
         dense = [f.source for f in self.cfg.features if f.type == "dense"]
         target = {t.name: RunningMoments() for t in self.cfg.tasks if t.type == "regression"}
+        ranks = self.ranks
+        failed: list[Exception] = []  # this rank's error, held until the ranks meet
+        rows = 0
 
         def tapped() -> Iterator[pa.RecordBatch]:
-            for src in sources:
-                cols = list(dict.fromkeys(dense + label_columns(src.tasks)))
-                regression = [t for t in src.tasks if t.type == "regression"]
-                for f, rb in src.train.batches(cols):
-                    labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
-                    for t in regression:
-                        y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
-                        target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
-                    yield rb
+            nonlocal rows
+            try:
+                for src in sources:
+                    cols = list(dict.fromkeys(dense + label_columns(src.tasks)))
+                    regression = [t for t in src.tasks if t.type == "regression"]
+                    share = plan_units(src.train.units, ranks.world)[ranks.rank] if ranks.world > 1 else None
+                    for f, rb in src.train.batches(cols, units=share):
+                        labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
+                        for t in regression:
+                            y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
+                            target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
+                        rows += rb.num_rows
+                        yield rb
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank once they have met
+                failed.append(e)
 
-        featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]), bias=self.cfg.bias_feature_names)
+        def combine(fit: DenseFit) -> DenseFit:
+            if ranks.world == 1:
+                if failed:
+                    raise failed[0]
+                return fit
+            parts = ranks.gather_objects((fit, target, failed[:1], rows))
+            errors = failed[:1] or [e for *_, err, _ in parts for e in err]
+            if errors:
+                raise errors[0]
+            merged, _, _, _ = parts[0]
+            for other, *_ in parts[1:]:
+                merged.merge(other)
+            for name in target:
+                target[name] = RunningMoments()
+                for _, moments, _, _ in parts:
+                    target[name].merge(moments[name])
+            shares[:] = [p[3] for p in parts]
+            return merged
+
+        t0, shares = time.perf_counter(), [0]  # shares: each rank's rows, once the ranks have met
+        featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]),
+                                    bias=self.cfg.bias_feature_names, combine=combine)
+        took = time.perf_counter() - t0
+        if ranks.world == 1:
+            self.log(f"featurizer fitted on {rows:,} train rows in {took:.1f} s")
+        else:
+            self.log(f"featurizer fitted on {sum(shares):,} train rows in {took:.1f} s, read once over {ranks.world} ranks "
+                     f"({'/'.join(f'{n:,}' for n in shares)})")
         for src in sources:
             for t in src.tasks:
                 if t.name in target and target[t.name].count == 0:
