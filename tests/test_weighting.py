@@ -331,3 +331,41 @@ def test_a_task_with_a_dead_gradient_does_not_freeze_mgda_or_gradnorm() -> None:
     m = GradNorm(_tasks("t0", "t1", "t2"), GradNormParams(gradients="parameters"))
     m.backward(_linear_losses(p, grads), StepContext(shared=[p]))
     assert torch.isfinite(m.logits.grad).all()
+
+
+# ----- row-sparse tables (train.sparse_embeddings) ---------------------------------------------
+@pytest.mark.parametrize(("name", "params"), [
+    ("pcgrad", None), ("cagrad", CAGradParams()), ("mgda", MGDAParams(gradients="parameters")),
+    ("gradnorm", GradNormParams(gradients="parameters"))])
+def test_gradient_methods_keep_row_sparse_tables_sparse_and_exact(name: str, params: GradientParams | None) -> None:
+    """On the shared parameters a method sees the tables' task gradients as the rows a batch
+    touched: the same Gram, the same coefficients and the same update as with dense tables,
+    and the tables' gradient stays row-sparse (rows 1, 3 and 4 of each feature's table only)."""
+    from ranker.config import FeatureSpec, ModelConfig
+    from ranker.model import MultiTaskRanker
+
+    feats = [FeatureSpec(name="u", type="categorical", buckets=9, dim=4), FeatureSpec(name="v", type="categorical", buckets=5, dim=4),
+             FeatureSpec(name="p", type="dense", encoding="standard")]
+    tasks = _tasks("a", "b", "c")
+    batch = {"cat": torch.tensor([[1, 3], [3, 4], [4, 1], [1, 1]]), "dense": torch.randn(4, 1, generator=torch.Generator().manual_seed(1))}
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    grads, weights = {}, {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = MultiTaskRanker(feats, tasks, ModelConfig(experts=2, expert_dims=[8], tower_dims=[4]))
+        tables = model.encoder.sparse_tables() if sparse else []
+        shared = list(model.encoder.parameters()) + list(model.trunk.parameters())
+        specific = [p for p in model.parameters() if all(p is not q for q in shared)]
+        out = model(batch)
+        losses = {t: nn.functional.binary_cross_entropy_with_logits(out[t], y * (i + 1) / 3) for i, t in enumerate(out)}
+        method = build_weighting(name, tasks, None) if params is None else WEIGHTINGS[name](tasks, params)  # type: ignore[call-arg]
+        weights[sparse] = method.backward(losses, StepContext(shared=shared, specific=specific, rep=model.last_encoding, tables=tables))
+        grads[sparse] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        for w in tables:
+            assert w.grad is not None and w.grad.is_sparse
+            assert sorted(w.grad.coalesce().indices()[0].tolist()) == [1, 3, 4, 10 + 1, 10 + 3, 10 + 4]  # two tables share one (offsets)
+    assert weights[True] == pytest.approx(weights[False], rel=1e-5)
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[False].items():
+        s = grads[True][n]
+        torch.testing.assert_close(s.to_dense() if s.is_sparse else s, g, rtol=1e-5, atol=1e-7, msg=n)

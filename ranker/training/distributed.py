@@ -148,17 +148,27 @@ class Collective:
             i += n
 
     def _sum_sparse(self, params: Sequence[nn.Parameter]) -> None:
-        """Sum row-sparse gradients (``train.sparse_embeddings``): every rank gathers every rank's
-        rows and values, padded to the longest, and adds them up, so the traffic is the rows the
-        step touched, not the tables. A rank without a gradient for one of them sends no rows."""
-        grads = [p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(  # no row on this rank
+        """Sum row-sparse gradients (``train.sparse_embeddings``) in place (``sum_sparse``). A rank
+        without a gradient for one of them sends no rows."""
+        grads = [p.grad if p.grad is not None else torch.sparse_coo_tensor(  # no row on this rank
             torch.zeros((1, 0), dtype=torch.long, device=p.device), torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device), p.shape)
             for p in params]
+        for p, g in zip(params, self.sum_sparse(grads), strict=True):
+            p.grad = g
+
+    def sum_sparse(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every rank's row-sparse tensors (one sparse dimension) added up, coalesced: every rank
+        gathers every rank's rows and values, padded to the longest, so the traffic is the rows
+        present, not the tables."""
+        grads = [g.coalesce() for g in tensors]
+        if self.world == 1:
+            return grads
         counts = torch.tensor([g._nnz() for g in grads], dtype=torch.long, device=self.device)
         every = [torch.empty_like(counts) for _ in range(self.world)]
         dist.all_gather(every, counts)
         longest = torch.stack(every).max(0).values.tolist()
-        for j, (p, g, n) in enumerate(zip(params, grads, longest, strict=True)):
+        out = []
+        for j, (g, n) in enumerate(zip(grads, longest, strict=True)):
             idx = torch.zeros(n, dtype=torch.long, device=self.device)
             val = torch.zeros((n, *g.shape[1:]), dtype=g.dtype, device=self.device)
             idx[: g._nnz()] = g.indices()[0]
@@ -167,10 +177,11 @@ class Collective:
             vals = [torch.empty_like(val) for _ in range(self.world)]
             dist.all_gather(idxs, idx)
             dist.all_gather(vals, val)
-            k = [int(c[j]) for c in every]  # this parameter's row count on each rank
+            k = [int(c[j]) for c in every]  # this tensor's row count on each rank
             rows = torch.cat([i[:m] for i, m in zip(idxs, k, strict=True)])
             values = torch.cat([v[:m] for v, m in zip(vals, k, strict=True)])
-            p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, g.shape).coalesce()
+            out.append(torch.sparse_coo_tensor(rows.unsqueeze(0), values, g.shape).coalesce().to(g.device))
+        return out
 
     def check_same(self, what: str, value: Any) -> None:
         """Refuse to go on unless every rank holds the same ``value`` (e.g. the config)."""

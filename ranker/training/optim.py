@@ -10,8 +10,9 @@ their moments: the step costs what the batch touches. This is the "lazy Adam" of
 recommendation tables: a row's moments age only when the row is used, and the tables are not
 weight-decayed. Everything else keeps fused AdamW.
 
-Gradients that reach a table densely (a gradient method that combines task gradients on the
-shared parameters, ``gradients: parameters``) are turned row-sparse before the step by
+Gradient methods that combine task gradients on the shared parameters keep the tables' task
+gradients as rows (``weighting.base.table_gradients``), so their update stays row-sparse too.
+A gradient that still reaches a table densely is turned row-sparse before the step by
 ``row_sparse``, so every weighting method works with either setting.
 """
 

@@ -458,7 +458,8 @@ class Trainer:
                         hook(model, batch, losses, pg.step)
                     probe_seconds += time.perf_counter() - tp
                     ctx = StepContext(shared=shared, epoch=epoch, step=pg.step, specific=specific, rep=model.last_encoding,
-                                      ranks=ranks, values=values, loss_scale=scaler.get_scale() if scaler is not None else 1.0)
+                                      ranks=ranks, values=values, loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+                                      tables=tables)
                     for t, w in weighting.backward(losses, ctx).items():
                         acc = pg.weights.setdefault(t, [0.0, 0])
                         acc[0], acc[1] = acc[0] + w, acc[1] + 1

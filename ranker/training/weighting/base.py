@@ -32,7 +32,9 @@ class StepContext:
     specific: every other trainable model parameter (heads); gradient methods give each of them
         only its own task's gradient;
     rep: the encoder output of this step (B, in), shared by all tasks; gradient methods with
-        ``gradients: representation`` take task gradients here instead of on ``shared``.
+        ``gradients: representation`` take task gradients here instead of on ``shared``;
+    tables: the shared parameters with row-sparse gradients (``train.sparse_embeddings``):
+        gradient methods on the parameters keep their task gradients as rows.
     """
 
     shared: list[nn.Parameter]
@@ -46,6 +48,7 @@ class StepContext:
     ranks: Collective = field(default_factory=lambda: Collective.single(torch.device("cpu")))
     values: dict[str, float] | None = None
     loss_scale: float = 1.0  # fp16: what backpropagated losses are multiplied by (GradScaler)
+    tables: list[nn.Parameter] = field(default_factory=list)
 
     def loss_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """The global value of each task's loss (what one process would see)."""
@@ -107,23 +110,73 @@ def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tenso
     return g / loss_scale if loss_scale != 1.0 else g
 
 
-def global_gram(grads: torch.Tensor, on_rep: bool, ranks: Collective) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global task gradients or None-equivalent, global Gram matrix) from this rank's (T, P).
+def table_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], tables: Sequence[nn.Parameter],
+                    loss_scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Task gradients on dense ``inputs`` (T, P) as ``task_gradients`` gives them, and on the
+    row-sparse ``tables`` as rows: one sparse tensor per table of shape (T * rows, dim) whose
+    row t * rows + r is task t's gradient on row r. So a gradient method's cost on a table is
+    the rows the batch touched, not the table. One backward per task serves both."""
+    if not tables:
+        return task_gradients(losses, inputs, loss_scale), []
+    both = [*inputs, *tables]
+    dense_rows, parts = [], [[] for _ in tables]
+    for loss in losses.values():
+        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, both, retain_graph=True, allow_unused=True)
+        n = len(inputs)
+        dense_rows.append(torch.cat([_dense(g, x).reshape(-1).float() for g, x in zip(grads[:n], inputs, strict=True)])
+                          if inputs else torch.zeros(0))
+        for k, g in enumerate(grads[n:]):
+            parts[k].append(None if g is None else g.coalesce() if g.is_sparse else g.to_sparse(1))
+    stacked = []
+    for k, w in enumerate(tables):
+        rows = w.shape[0]
+        idx = [g.indices()[0] + t * rows for t, g in enumerate(parts[k]) if g is not None]
+        val = [g.values().float() for g in parts[k] if g is not None]
+        idx_t = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long, device=w.device)
+        val_t = torch.cat(val) if val else torch.zeros((0, *w.shape[1:]), device=w.device)
+        g = torch.sparse_coo_tensor(idx_t.unsqueeze(0), val_t, (len(losses) * rows, *w.shape[1:]), check_invariants=False).coalesce()
+        stacked.append(g / loss_scale if loss_scale != 1.0 else g)
+    dense = torch.stack(dense_rows)  # (T, P)
+    return (dense / loss_scale if loss_scale != 1.0 else dense), stacked
 
-    On the shared parameters the global gradient is the sum of the ranks' (T, P) matrices.
-    On the representation each rank's P covers its own rows, so the global Gram is the sum of
-    the ranks' Gram matrices and the gradients themselves stay local.
+
+def global_gram(grads: torch.Tensor, on_rep: bool, ranks: Collective, tables: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The global Gram matrix (T, T), the same on every rank, from this rank's (T, P).
+
+    On the shared parameters the global gradient is the sum of the ranks' (T, P) matrices,
+    and on each table (``table_gradients``' (T * rows, dim) rows) the sum of the ranks' rows;
+    a table adds the Gram of the rows some task touched. On the representation each rank's P
+    covers its own rows, so the global Gram is the sum of the ranks' Gram matrices.
     """
     if on_rep:
-        return grads, ranks.sum(grads @ grads.T)
+        return ranks.sum(grads @ grads.T)
     total = ranks.sum(grads)
-    return total, total @ total.T
+    gram = total @ total.T
+    n = len(grads)
+    for g in ranks.sum_sparse(tables):
+        rows = g.shape[0] // n
+        task, row = g.indices()[0] // rows, g.indices()[0] % rows
+        touched, at = torch.unique(row, return_inverse=True)
+        m = torch.zeros((n, len(touched), *g.shape[1:]), dtype=g.dtype, device=g.device)
+        m[task, at] = g.values()
+        m = m.reshape(n, -1)  # (T, touched rows x dim): the task gradients on the rows that matter
+        gram = gram + (m @ m.T).to(gram.device)
+    return gram
+
+
+def table_direction(c: torch.Tensor, rows: torch.Tensor, table: nn.Parameter) -> torch.Tensor:
+    """sum_t c_t g_t on one table, row-sparse, from ``table_gradients``' (T * rows, dim) rows."""
+    n = table.shape[0]
+    idx = rows.indices()[0]
+    values = rows.values() * c.to(rows.values())[idx // n].view(-1, *([1] * (rows.dim() - 1)))
+    return torch.sparse_coo_tensor((idx % n).unsqueeze(0), values.to(table.dtype), table.shape, check_invariants=False).coalesce()
 
 
 def gradient_inputs(method: Weighting, gradients: str, ctx: StepContext) -> list[torch.Tensor]:
-    """What task gradients are taken with respect to: the shared parameters or ``ctx.rep``."""
+    """What task gradients are taken with respect to: the shared parameters (the row-sparse
+    ``ctx.tables`` apart: ``table_gradients`` keeps them as rows) or ``ctx.rep``."""
     if gradients == "parameters":
-        return list(ctx.shared)
+        return [p for p in ctx.shared if all(p is not q for q in ctx.tables)]
     if ctx.rep is None:
         raise ValueError(f"{type(method).__name__}: gradients='representation' needs StepContext.rep")
     return [ctx.rep]
@@ -166,16 +219,23 @@ class GradientWeighting(Weighting):
 
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         on_rep = self.gradients == "representation"
-        local = task_gradients(losses, gradient_inputs(self, self.gradients, ctx), ctx.loss_scale)  # (T, P)
-        _, gram = global_gram(local, on_rep, ctx.ranks)  # every rank: the same (T, T)
+        inputs = gradient_inputs(self, self.gradients, ctx)
+        tables = [] if on_rep else ctx.tables
+        local, rows = table_gradients(losses, inputs, tables, ctx.loss_scale)  # (T, P) and the tables' rows
+        gram = global_gram(local, on_rep, ctx.ranks, rows)  # every rank: the same (T, T)
         values = np.array(list(ctx.loss_values(losses).values()))
         c = self.coefficients(gram.double().numpy(), values)  # (T,), identical on every rank
         if on_rep:  # d on the shared parameters = backward of sum_t c_t L_t
             total = sum(float(ci) * loss for ci, loss in zip(c, losses.values(), strict=True))
             ctx.backprop(total, ctx.shared, retain_graph=bool(ctx.specific))  # type: ignore[arg-type]
         else:  # this rank's share c @ g_local; the shares add up to c @ g_global
-            d = torch.from_numpy(c).to(local.device, local.dtype) @ local
-            _accumulate(ctx.shared, d * ctx.loss_scale if ctx.loss_scale != 1.0 else d)  # .grad holds scaled gradients under fp16
+            scale = ctx.loss_scale  # .grad holds scaled gradients under fp16
+            cs = torch.from_numpy(c).to(local.device, local.dtype)
+            d = cs @ local
+            _accumulate(inputs, d * scale if scale != 1.0 else d)  # type: ignore[arg-type]
+            for w, r in zip(tables, rows, strict=True):
+                dw = table_direction(cs * scale, r, w)
+                w.grad = dw if w.grad is None else w.grad + dw
         if ctx.specific:  # heads: each its own task's gradient, untouched by the method
             ctx.backprop(sum(losses.values()), ctx.specific)  # type: ignore[arg-type]
         return {t: float(ci) for t, ci in zip(losses, c, strict=True)}

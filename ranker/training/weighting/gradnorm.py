@@ -22,7 +22,7 @@ from ranker.training.weighting.base import (
     Weighting,
     global_gram,
     gradient_inputs,
-    task_gradients,
+    table_gradients,
 )
 
 
@@ -45,8 +45,9 @@ class GradNorm(Weighting):
         self.initial[idx[first]] = values[first]  # a task's first loss, whenever it first appears
         w = self.weights()[idx]  # (T,)
 
-        local = task_gradients(losses, gradient_inputs(self, self.gradients, ctx), ctx.loss_scale)
-        _, gram = global_gram(local, self.gradients == "representation", ctx.ranks)
+        on_rep = self.gradients == "representation"
+        local, rows = table_gradients(losses, gradient_inputs(self, self.gradients, ctx), [] if on_rep else ctx.tables, ctx.loss_scale)
+        gram = global_gram(local, on_rep, ctx.ranks, rows)
         norms = gram.diagonal().clamp_min(0).sqrt()  # (T,) global |grad L_t|
         # a task with no gradient (a dead tower) cannot be balanced: leave it out of L_grad
         live = norms > 1e-8 * norms.max().clamp_min(1e-12)
