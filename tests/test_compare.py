@@ -174,6 +174,49 @@ def test_epoch_probe_cosine_of_summed_gradients_averages_out_noise() -> None:
     assert d["grad_cosine_batch"]["a/b"] == pytest.approx(-0.8)  # each step's look conflicting
 
 
+
+def test_epoch_probe_on_row_sparse_tables_matches_dense_tables() -> None:
+    """With ``train.sparse_embeddings`` the probe keeps the tables' task gradients as rows:
+    the same cosines and norms as dense tables, and its checkpointed sums stay row-sparse."""
+    from ranker.config import FeatureSpec, ModelConfig, TaskSpec
+    from ranker.model import MultiTaskRanker
+
+    feats = [FeatureSpec(name="u", type="categorical", buckets=50, dim=4), FeatureSpec(name="p", type="dense", encoding="standard")]
+    tasks = [TaskSpec(name=n, type="binary", label=n) for n in ("a", "b", "c")]
+    gen = torch.Generator().manual_seed(0)
+    batches = [({"cat": torch.randint(0, 50, (16, 1), generator=gen), "dense": torch.randn(16, 1, generator=gen)},
+                torch.randint(0, 2, (16,), generator=gen).float()) for _ in range(2)]
+    out = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = MultiTaskRanker(feats, tasks, ModelConfig(experts=2, expert_dims=[8], tower_dims=[4]))
+        tables = model.encoder.sparse_tables() if sparse else []
+        shared = list(model.encoder.parameters()) + list(model.trunk.parameters())
+        probe = EpochProbe(shared, steps=2, batches=2, tables=tables)
+        for batch, y in batches:
+            raw = model(batch)
+            probe.record({t: nn.functional.binary_cross_entropy_with_logits(raw[t], y if t != "b" else 1 - y) for t in raw}, {})
+        out[sparse] = probe.summary()
+        if not sparse:  # the tables' part counts: without them every task's norm is smaller
+            weights = [t.weight for t in model.encoder.tables]
+            bare = EpochProbe([p for p in shared if all(p is not w for w in weights)], steps=1, batches=1)
+            raw = model(batches[0][0])
+            bare.record({t: nn.functional.binary_cross_entropy_with_logits(raw[t], batches[0][1]) for t in raw}, {})
+            first = EpochProbe(shared, steps=1, batches=1)
+            first.record({t: nn.functional.binary_cross_entropy_with_logits(raw[t], batches[0][1]) for t in raw}, {})
+            assert all(bare.summary()["grad_norm"][t] < 0.999 * first.summary()["grad_norm"][t] for t in raw)
+        if sparse:
+            state = probe.state()
+            assert all(g.is_sparse and g._nnz() <= 32 for parts in state["table_sums"].values() for g in parts)
+            again = EpochProbe(shared, steps=2, batches=2, tables=tables)
+            again.set_state(state)
+            assert again.summary()["grad_cosine"] == out[True]["grad_cosine"]
+    for key in ("grad_cosine", "grad_cosine_batch", "grad_norm"):
+        assert out[True][key].keys() == out[False][key].keys()
+        for k, v in out[False][key].items():
+            assert out[True][key][k] == pytest.approx(v, rel=1e-4, abs=1e-7), (key, k)
+
+
 def test_report_stability_affinity_and_recommendation(report_dir: Path) -> None:
     from ranker.training.compare import AFFINITY_Z, WORST_SEED_PCT
 

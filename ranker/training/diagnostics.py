@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ranker.training.distributed import Collective
-from ranker.training.weighting.base import task_gradients
+from ranker.training.weighting.base import rows_gram, table_gradients, task_rows
 
 
 class EpochProbe:
@@ -33,6 +33,10 @@ class EpochProbe:
         shared: the parameters every task flows through.
         steps: steps expected in the epoch (the sampled ones are spread over them).
         batches: steps to sample; 0 disables the probe.
+        ranks: task gradients are summed over them.
+        tables: the shared parameters with row-sparse gradients (``train.sparse_embeddings``):
+            their task gradients are kept, summed and checkpointed as the rows touched, so a
+            large table costs the probe what the sampled batches looked up.
 
     Example:
         >>> w = nn.Parameter(torch.ones(2))
@@ -44,14 +48,17 @@ class EpochProbe:
         -0.7071
     """
 
-    def __init__(self, shared: Sequence[nn.Parameter], steps: int, batches: int, ranks: Collective | None = None) -> None:
-        self.shared = list(shared)
+    def __init__(self, shared: Sequence[nn.Parameter], steps: int, batches: int, ranks: Collective | None = None,
+                 tables: Sequence[nn.Parameter] = ()) -> None:
+        self.tables = list(tables)
+        self.shared = [p for p in shared if all(p is not q for q in self.tables)]
         self.ranks = ranks or Collective.single(torch.device("cpu"))  # task gradients are summed over ranks
         k = min(batches, steps)
         self.sampled = {int((i + 0.5) * steps / k) for i in range(k)} if k else set()
         self.cos: dict[str, list[float]] = {}
         self.norm: dict[str, list[float]] = {}
         self.sums: dict[str, torch.Tensor] = {}  # task -> gradient summed over sampled steps (P,)
+        self.table_sums: dict[str, list[torch.Tensor]] = {}  # task -> the same on each table, row-sparse
         self.gate_share: dict[str, list[torch.Tensor]] = {}  # per step (E,)
         self.gate_entropy: dict[str, list[float]] = {}
 
@@ -70,17 +77,23 @@ class EpochProbe:
         """Task gradients of this step's losses (graph kept for the real backward) and gates."""
         self._gates(gates)
         names = list(losses)
-        grads = self.ranks.sum(task_gradients(losses, self.shared))  # (T, P), global
+        local, rows = table_gradients(losses, self.shared, self.tables)
+        grads = self.ranks.sum(local)  # (T, P), global
+        rows = self.ranks.sum_sparse(rows)  # each table's (T * rows, dim), global
         gram = (grads @ grads.T).double()
+        for r in rows:
+            gram = gram + rows_gram(r, len(names)).double()
         norms = gram.diagonal().clamp_min(0).sqrt()
         for i, t in enumerate(names):
             self.norm.setdefault(t, []).append(float(norms[i]))
             self.sums[t] = self.sums[t] + grads[i] if t in self.sums else grads[i].clone()
+            parts = [task_rows(r, i, w) for r, w in zip(rows, self.tables, strict=True)]
+            self.table_sums[t] = [(a + b).coalesce() for a, b in zip(self.table_sums[t], parts, strict=True)] if t in self.table_sums else parts
         for i, j in combinations(range(len(names)), 2):
             cos = float(gram[i, j] / (norms[i] * norms[j]).clamp_min(1e-20))
             self.cos.setdefault(f"{names[i]}/{names[j]}", []).append(cos)
 
-    _STATE = ("cos", "norm", "sums", "gate_share", "gate_entropy")
+    _STATE = ("cos", "norm", "sums", "table_sums", "gate_share", "gate_entropy")
 
     def state(self) -> dict:
         """What was collected so far (for a checkpoint inside an epoch)."""
@@ -88,7 +101,7 @@ class EpochProbe:
 
     def set_state(self, state: dict) -> None:
         for k in self._STATE:
-            setattr(self, k, state[k])
+            setattr(self, k, state.get(k, {}))  # table_sums: absent from checkpoints written before it
 
     def summary(self) -> dict:
         """Means over the sampled steps; empty sections when nothing was sampled."""
@@ -97,7 +110,11 @@ class EpochProbe:
         cos = {}
         for a, b in combinations(list(self.sums), 2):
             ga, gb = self.sums[a].double(), self.sums[b].double()
-            cos[f"{a}/{b}"] = float(ga @ gb / (ga.norm() * gb.norm()).clamp_min(1e-20))
+            dot, na, nb = float(ga @ gb), float(ga @ ga), float(gb @ gb)
+            for sa, sb in zip(self.table_sums.get(a, []), self.table_sums.get(b, []), strict=True):
+                dot += float(torch.sparse.sum(sa * sb)) if sa._nnz() and sb._nnz() else 0.0
+                na, nb = na + float(sa.values().double().square().sum()), nb + float(sb.values().double().square().sum())
+            cos[f"{a}/{b}"] = dot / max(math.sqrt(na * nb), 1e-20)
         return {
             "batches": len(self.sampled),
             "grad_cosine": cos,

@@ -423,7 +423,7 @@ class Trainer:
             # from a plan every rank computes alike (ranker.training.sources)
             steps = streams.epoch_steps(epoch)
             plan = plan_steps(rates, steps, tc.seed, epoch, mix)
-            probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks)
+            probe = EpochProbe(shared, steps, tc.diagnostics_batches, ranks, tables)
             if pg.probe is not None:
                 probe.set_state(pg.probe)
             bar = tqdm(total=steps * tc.batch_size, initial=pg.batches * tc.batch_size, unit="row", unit_scale=True,

@@ -152,16 +152,30 @@ def global_gram(grads: torch.Tensor, on_rep: bool, ranks: Collective, tables: Se
         return ranks.sum(grads @ grads.T)
     total = ranks.sum(grads)
     gram = total @ total.T
-    n = len(grads)
     for g in ranks.sum_sparse(tables):
-        rows = g.shape[0] // n
-        task, row = g.indices()[0] // rows, g.indices()[0] % rows
-        touched, at = torch.unique(row, return_inverse=True)
-        m = torch.zeros((n, len(touched), *g.shape[1:]), dtype=g.dtype, device=g.device)
-        m[task, at] = g.values()
-        m = m.reshape(n, -1)  # (T, touched rows x dim): the task gradients on the rows that matter
-        gram = gram + (m @ m.T).to(gram.device)
+        gram = gram + rows_gram(g, len(grads)).to(gram.device)
     return gram
+
+
+def rows_gram(g: torch.Tensor, tasks: int) -> torch.Tensor:
+    """The (T, T) Gram of ``table_gradients``' (T * rows, dim) rows of one table: task
+    gradients compacted to the rows some task touched, then one small matrix product."""
+    rows = g.shape[0] // tasks
+    task, row = g.indices()[0] // rows, g.indices()[0] % rows
+    touched, at = torch.unique(row, return_inverse=True)
+    m = torch.zeros((tasks, len(touched), *g.shape[1:]), dtype=g.dtype, device=g.device)
+    m[task, at] = g.values()
+    m = m.reshape(tasks, -1)  # (T, touched rows x dim)
+    return m @ m.T
+
+
+def task_rows(g: torch.Tensor, t: int, table: nn.Parameter) -> torch.Tensor:
+    """Task ``t``'s gradient on ``table`` (row-sparse, the table's shape) out of
+    ``table_gradients``' (T * rows, dim) rows."""
+    n = table.shape[0]
+    idx = g.indices()[0]
+    keep = idx // n == t
+    return torch.sparse_coo_tensor((idx[keep] % n).unsqueeze(0), g.values()[keep], table.shape, check_invariants=False).coalesce()
 
 
 def table_direction(c: torch.Tensor, rows: torch.Tensor, table: nn.Parameter) -> torch.Tensor:
