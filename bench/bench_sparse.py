@@ -61,14 +61,14 @@ def probe(buckets: int, batch: int, steps: int = 8) -> None:
               f"{buf.tell() / 2**20:.1f} MiB of probe state | grad cos {p.summary()['grad_cosine']} |", flush=True)
 
 
-def setup(buckets: int, sparse: bool, batch: int, weighting: str = "static"):
+def setup(buckets: int, sparse: bool, batch: int, weighting: str = "static", weight_decay: float = 1e-5):
     torch.manual_seed(0)
     feats = [FeatureSpec(name=n, type="categorical", buckets=buckets, dim=32) for n in ("user_id", "item_id")]
     feats += [FeatureSpec(name=f"c{k}", type="categorical", buckets=100, dim=16) for k in range(6)]
     feats += [FeatureSpec(name="price", type="dense", encoding="standard")]
     model = MultiTaskRanker(feats, TASKS, ModelConfig())
     tables = model.encoder.sparse_tables() if sparse else []
-    opt = build_optimizer(list(model.parameters()), tables, lr=1e-3, weight_decay=1e-5)
+    opt = build_optimizer(list(model.parameters()), tables, lr=1e-3, weight_decay=weight_decay)
     ids = torch.cat([torch.randint(0, buckets, (batch, 2)), torch.randint(0, 100, (batch, 6))], 1)
     data = {"cat": ids, "dense": torch.randn(batch, 1)}
     labels = torch.randint(0, 2, (batch,)).float()
@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--weighting", default="static", help="e.g. pcgrad, cagrad (gradient methods on the parameters)")
+    ap.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW's, and the tables' lazy decay")
     ap.add_argument("--probe", action="store_true", help="time the diagnostics probe instead of the step")
     args = ap.parse_args()
     if args.threads:
@@ -107,7 +108,7 @@ def main() -> int:
           f"median of {args.rounds} rounds x {args.steps} steps")
     print("| buckets per id table | parameters | AdamW ms/step | sparse ms/step | speed-up |\n|---|---|---|---|---|")
     for buckets in (int(b) for b in args.buckets.split(",")):
-        steps = {s: setup(buckets, s, args.batch, args.weighting) for s in (False, True)}
+        steps = {s: setup(buckets, s, args.batch, args.weighting, args.weight_decay) for s in (False, True)}
         for fn in steps.values():  # warm-up
             for _ in range(3):
                 fn()
