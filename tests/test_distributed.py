@@ -78,14 +78,26 @@ def _weights(bundle: Path) -> dict[str, torch.Tensor]:
 
 def test_plan_is_disjoint_balanced_and_seeded() -> None:
     units = [Unit(f, g, r) for f, g, r in [(0, 0, 1000), (0, 1, 1000), (0, 2, 400), (1, 0, 900), (1, 1, 100), (2, 0, 600)]]
-    plan = plan_units(units, 2, seed=3, epoch=0)
-    flat = [u for share in plan for u in share]
-    assert sorted(flat, key=lambda u: (u.file, u.group)) == units  # every row group once
-    rows = [sum(u.rows for u in s) for s in plan]
-    assert abs(rows[0] - rows[1]) <= 1000  # greedy: off by at most the largest unit
-    assert plan == plan_units(units, 2, seed=3, epoch=0)  # every rank computes the same plan
-    assert plan != plan_units(units, 2, seed=3, epoch=1)  # reshuffled per epoch
+    for world in (2, 3, 4):
+        plan = plan_units(units, world, seed=3, epoch=0)
+        rows = [(u.file, u.group, u.start + i) for share in plan for u in share for i in range(u.rows)]
+        assert sorted(rows) == sorted((u.file, u.group, i) for u in units for i in range(u.rows))  # every row once
+        sizes = [sum(u.rows for u in s) for s in plan]
+        assert max(sizes) - min(sizes) <= 1, sizes  # equal shares: no rank's rows sit the epoch out
+        pieces = sum(len(s) for s in plan) - len(units)
+        assert pieces <= world - 1  # only groups on a boundary are split (and read twice)
+        assert plan == plan_units(units, world, seed=3, epoch=0)  # every rank computes the same plan
+        assert plan != plan_units(units, world, seed=3, epoch=1)  # reshuffled per epoch
     assert plan_units(units, 1) == [units]  # evaluation: one rank keeps file order
+    assert plan_units(units[:1], 3)[0] == [Unit(0, 0, 333)] and plan_units(units[4:5], 200)[0] == []  # fewer rows than ranks
+
+
+def test_a_split_row_group_reads_only_its_piece(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "a.parquet", row_group_size=4)
+    src = ParquetSource(str(tmp_path / "a.parquet"), "data.train", ["x"])
+    shares = plan_units(src.units, 3)
+    got = [[v for _, rb in src.batches(["x"], units=share) for v in rb.column("x").to_pylist()] for share in shares]
+    assert got == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
 
 
 # ----- bounded-memory metrics ----------------------------------------------------------------
@@ -206,7 +218,9 @@ def test_a_bad_label_in_one_ranks_share_stops_every_rank(tmp_path: Path) -> None
     assert "trainer.py" not in run.stderr  # no traceback from the ranks (torchrun prints its own)
 
 
-def test_uneven_files_finish_and_report_what_is_left_out(tmp_path: Path) -> None:
+def test_uneven_files_are_shared_out_evenly(tmp_path: Path) -> None:
+    """Four row groups of 650 rows and one of 130 over 2 ranks: the plan splits a group so each
+    rank holds 1,365 rows, and no rank's rows sit the epoch out."""
     root = tmp_path / "logs"
     cfg = _config(root, epochs=2, batch_size=128)
     for f in (root / "train").glob("*.parquet"):
@@ -215,7 +229,8 @@ def test_uneven_files_finish_and_report_what_is_left_out(tmp_path: Path) -> None
     pq.write_table(make_table(130, 2), root / "train" / "small.parquet")  # 1 small group
     run = _torchrun(cfg, tmp_path / "b", timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "sit this epoch out" in run.stderr and (tmp_path / "b" / "model.safetensors").is_file()
+    assert "sit this epoch out" not in run.stderr and (tmp_path / "b" / "model.safetensors").is_file()
+    assert "read once over 2 ranks (1,365/1,365)" in run.stderr  # the featurizer's pass, same plan
 
 
 # ----- checkpoints and exact resume --------------------------------------------------------------

@@ -29,36 +29,50 @@ CHUNK_ROWS = 65_536  # rows per record batch read from Parquet
 
 @dataclass(frozen=True)
 class Unit:
-    """One Parquet row group: the unit of the data plan (read whole by one rank)."""
+    """Rows of one Parquet row group, the unit of the data plan: a whole group as the footers
+    list it, or the piece of one that the plan gives a rank when the group straddles two
+    ranks' shares."""
 
     file: int  # index into ParquetSource.files
     group: int  # row group within the file
     rows: int
+    start: int = 0  # first row of the piece within the group
 
 
 def plan_units(units: Sequence[Unit], world: int, seed: int | None = None, epoch: int = 0) -> list[list[Unit]]:
-    """Deal row groups to ``world`` ranks: a disjoint share each, balanced by rows.
+    """Deal the rows to ``world`` ranks: disjoint shares, equal to within one row.
 
-    The plan depends only on (units, world, seed, epoch), so every rank computes the same one
-    from the file footers without talking to the others. With ``seed`` the row groups are
-    shuffled per epoch first (training); without, they keep file order (evaluation). Each unit
-    goes to the rank with the fewest rows so far (ties to the lowest rank).
+    The row groups are laid end to end (shuffled per epoch with ``seed``, for training; in
+    file order without, for evaluation) and rank r takes rows [r n / world, (r + 1) n / world)
+    of that sequence. A group that straddles a boundary is split between the two ranks, each
+    reading the group and keeping its piece, so at most ``world - 1`` groups are read twice a
+    pass and no rank idles for want of rows: with a few large row groups, dealing whole groups
+    left a rank up to one group short, and every other rank's rows past its share sat the
+    epoch out. The plan depends only on (units, world, seed, epoch), so every rank computes
+    the same one from the file footers without talking to the others.
 
     Example:
-        >>> us = [Unit(0, g, r) for g, r in enumerate([100, 100, 50, 50])]
-        >>> [sum(u.rows for u in share) for share in plan_units(us, 2)]
-        [150, 150]
+        >>> us = [Unit(0, g, r) for g, r in enumerate([100, 100, 100])]
+        >>> [[(u.group, u.start, u.rows) for u in share] for share in plan_units(us, 2)]
+        [[(0, 0, 100), (1, 0, 50)], [(1, 50, 50), (2, 0, 100)]]
     """
     order = list(units)
     if seed is not None:
         rng = np.random.default_rng([seed, epoch])
         order = [order[i] for i in rng.permutation(len(order))]
+    total = sum(u.rows for u in order)
+    bounds = [r * total // world for r in range(world + 1)]
     shares: list[list[Unit]] = [[] for _ in range(world)]
-    load = [0] * world
+    pos, r = 0, 0
     for u in order:
-        r = min(range(world), key=lambda i: (load[i], i))
-        shares[r].append(u)
-        load[r] += u.rows
+        lo, end = pos, pos + u.rows
+        while lo < end:
+            while bounds[r + 1] <= lo:  # ranks whose share is already full (or empty)
+                r += 1
+            cut = min(end, bounds[r + 1])
+            shares[r].append(u if cut - lo == u.rows else Unit(u.file, u.group, cut - lo, u.start + lo - pos))
+            lo = cut
+        pos = end
     return shares
 
 
@@ -135,9 +149,14 @@ class ParquetSource:
             if u.file != open_file:
                 pf, open_file = pq.ParquetFile(self.files[u.file]), u.file
             assert pf is not None
+            at, stop = 0, u.start + u.rows  # a piece of the group: its rows [start, stop) only
             for rb in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[u.group], columns=list(columns)):
-                if rb.num_rows:
-                    yield self.files[u.file], rb
+                lo, hi = max(u.start - at, 0), min(stop - at, rb.num_rows)
+                at += rb.num_rows
+                if hi > lo:
+                    yield self.files[u.file], rb if hi - lo == rb.num_rows else rb.slice(lo, hi - lo)
+                if at >= stop:
+                    break
 
 
 def _numeric(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
