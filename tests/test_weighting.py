@@ -345,9 +345,10 @@ def test_gradient_methods_keep_row_sparse_tables_sparse_and_exact(name: str, par
     from ranker.model import MultiTaskRanker
 
     feats = [FeatureSpec(name="u", type="categorical", buckets=9, dim=4), FeatureSpec(name="v", type="categorical", buckets=5, dim=4),
-             FeatureSpec(name="p", type="dense", encoding="standard")]
+             FeatureSpec(name="tags", type="multi_hot", buckets=6, dim=4), FeatureSpec(name="p", type="dense", encoding="standard")]
     tasks = _tasks("a", "b", "c")
-    batch = {"cat": torch.tensor([[1, 3], [3, 4], [4, 1], [1, 1]]), "dense": torch.randn(4, 1, generator=torch.Generator().manual_seed(1))}
+    batch = {"cat": torch.tensor([[1, 3], [3, 4], [4, 1], [1, 1]]), "dense": torch.randn(4, 1, generator=torch.Generator().manual_seed(1)),
+             "bag:tags": torch.tensor([[0, 2], [2, 7], [5, 7], [7, 7]])}  # 7 = padding
     y = torch.tensor([1.0, 0.0, 1.0, 0.0])
     grads, weights = {}, {}
     for sparse in (False, True):
@@ -361,9 +362,11 @@ def test_gradient_methods_keep_row_sparse_tables_sparse_and_exact(name: str, par
         method = build_weighting(name, tasks, None) if params is None else WEIGHTINGS[name](tasks, params)  # type: ignore[call-arg]
         weights[sparse] = method.backward(losses, StepContext(shared=shared, specific=specific, rep=model.last_encoding, tables=tables))
         grads[sparse] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        for w in tables:
-            assert w.grad is not None and w.grad.is_sparse
-            assert sorted(w.grad.coalesce().indices()[0].tolist()) == [1, 3, 4, 10 + 1, 10 + 3, 10 + 4]  # two tables share one (offsets)
+        if sparse:
+            cat, bag = tables  # the two categoricals share one table (offsets); the bag has its own
+            assert cat.grad is not None and cat.grad.is_sparse and bag.grad is not None and bag.grad.is_sparse
+            assert sorted(cat.grad.coalesce().indices()[0].tolist()) == [1, 3, 4, 10 + 1, 10 + 3, 10 + 4]
+            assert sorted(bag.grad.coalesce().indices()[0].tolist()) in ([0, 2, 5], [0, 2, 5, 7])  # the padding row gets zeros
     assert weights[True] == pytest.approx(weights[False], rel=1e-5)
     assert grads[True].keys() == grads[False].keys()
     for n, g in grads[False].items():
