@@ -219,8 +219,7 @@ class Trainer:
                 for src in sources:
                     cols = list(dict.fromkeys(dense + label_columns(src.tasks)))
                     regression = [t for t in src.tasks if t.type == "regression"]
-                    share = plan_units(src.train.units, ranks.world)[ranks.rank] if ranks.world > 1 else None
-                    for f, rb in src.train.batches(cols, units=share):
+                    for f, rb in src.train.batches(cols, units=plan_units(src.train.units, ranks.world)[ranks.rank]):
                         labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
                         for t in regression:
                             y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
@@ -230,34 +229,29 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - re-raised on every rank once they have met
                 failed.append(e)
 
+        shares: list[int] = []  # each rank's rows, once the ranks have met
+
         def combine(fit: DenseFit) -> DenseFit:
-            if ranks.world == 1:
-                if failed:
-                    raise failed[0]
-                return fit
-            parts = ranks.gather_objects((fit, target, failed[:1], rows))
+            parts = ranks.gather_objects((fit, target, failed[:1], rows))  # one process: [its own]
             errors = failed[:1] or [e for *_, err, _ in parts for e in err]
             if errors:
                 raise errors[0]
-            merged, _, _, _ = parts[0]
+            merged = parts[0][0]
             for other, *_ in parts[1:]:
                 merged.merge(other)
-            for name in target:
-                target[name] = RunningMoments()
-                for _, moments, _, _ in parts:
-                    target[name].merge(moments[name])
+            summed = {name: RunningMoments() for name in target}  # one process: parts hold ``target`` itself
+            for _, moments, _, _ in parts:
+                for name, m in moments.items():
+                    summed[name].merge(m)
+            target.update(summed)
             shares[:] = [p[3] for p in parts]
             return merged
 
-        t0, shares = time.perf_counter(), [0]  # shares: each rank's rows, once the ranks have met
+        t0 = time.perf_counter()
         featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]),
                                     bias=self.cfg.bias_feature_names, combine=combine)
-        took = time.perf_counter() - t0
-        if ranks.world == 1:
-            self.log(f"featurizer fitted on {rows:,} train rows in {took:.1f} s")
-        else:
-            self.log(f"featurizer fitted on {sum(shares):,} train rows in {took:.1f} s, read once over {ranks.world} ranks "
-                     f"({'/'.join(f'{n:,}' for n in shares)})")
+        spread = f", read once over {ranks.world} ranks ({'/'.join(f'{n:,}' for n in shares)})" if ranks.world > 1 else ""
+        self.log(f"featurizer fitted on {sum(shares):,} train rows in {time.perf_counter() - t0:.1f} s{spread}")
         for src in sources:
             for t in src.tasks:
                 if t.name in target and target[t.name].count == 0:

@@ -95,34 +95,21 @@ def _dense(grad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return grad.to_dense() if grad.is_sparse else grad
 
 
-def task_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor:
-    """Each task's gradient with respect to ``inputs``, flattened: (T, P) in ``losses`` order.
+def table_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], tables: Sequence[nn.Parameter] = (),
+                    loss_scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each task's gradient on dense ``inputs``, flattened (T, P) in ``losses`` order, and on
+    the row-sparse ``tables`` as rows: one sparse tensor per table of shape (T * rows, dim)
+    whose row t * rows + r is task t's gradient on row r. So a gradient method's cost on a
+    table is the rows the batch touched, not the table. One backward per task serves both.
 
     The graph is retained so the caller can still backpropagate. An input a task does not
     reach contributes zeros. With an fp16 ``loss_scale`` the losses are scaled before and the
     gradients unscaled after, so small gradients survive the half-precision backward.
     """
-    rows = []
-    for loss in losses.values():
-        grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(inputs), retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([_dense(g, x).reshape(-1).float() for g, x in zip(grads, inputs, strict=True)]))
-    g = torch.stack(rows)  # (T, P)
-    return g / loss_scale if loss_scale != 1.0 else g
-
-
-def table_gradients(losses: dict[str, torch.Tensor], inputs: Sequence[torch.Tensor], tables: Sequence[nn.Parameter],
-                    loss_scale: float = 1.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Task gradients on dense ``inputs`` (T, P) as ``task_gradients`` gives them, and on the
-    row-sparse ``tables`` as rows: one sparse tensor per table of shape (T * rows, dim) whose
-    row t * rows + r is task t's gradient on row r. So a gradient method's cost on a table is
-    the rows the batch touched, not the table. One backward per task serves both."""
-    if not tables:
-        return task_gradients(losses, inputs, loss_scale), []
-    both = [*inputs, *tables]
+    both, n = [*inputs, *tables], len(inputs)
     dense_rows, parts = [], [[] for _ in tables]
     for loss in losses.values():
         grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, both, retain_graph=True, allow_unused=True)
-        n = len(inputs)
         dense_rows.append(torch.cat([_dense(g, x).reshape(-1).float() for g, x in zip(grads[:n], inputs, strict=True)])
                           if inputs else torch.zeros(0))
         for k, g in enumerate(grads[n:]):
