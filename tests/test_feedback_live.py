@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from ranker.bundle import load_bundle
@@ -78,16 +77,11 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
     b = load_bundle(bundle_path)
     val = serving_data().val_file
     events = as_events(b.version, labelled_scores(b, val))
-    rng = np.random.default_rng(7)
-    events = [events[i] for i in rng.permutation(len(events))]
-    n = len(events)
-    # every event goes to both replicas: 70% before the restart (to a and to b), 30% after it
-    # (to the new a and to b). increase() extrapolates each replica's window by its own factor
-    # (a young series more); with the same events on both, that weighting cannot move the
-    # ratios the rules compute, so they must equal the offline figures
-    a1, a2 = np.split(np.arange(n), [int(0.7 * n)])
-    b1, b2 = a1, a2
-    pick = lambda idx: [events[i] for i in idx]  # noqa: E731
+    # every series gets every event: a before its restart, a after it, and b (twice, once in
+    # each phase). increase() extrapolates each series by its own factor (a young series
+    # more), and the rules' ratios sum over series; only when every series holds the same mix
+    # of events can that weighting not move them, so they must equal the offline figures.
+    # (Splitting the events between a's two lives left ctr calibration 0.5% off at times.)
 
     port_a, port_b = free_port(), free_port()
     inst_a = f'instance="127.0.0.1:{port_a}"'
@@ -97,15 +91,15 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
                 # both scraped once at 0 first: increase() cannot see what a counter gained
                 # before its first sample (a start-up race, not a restart)
                 wait_for_data(prom.url, 'count(up{job="ranker"} == 1) == 2')
-                _send(base_a, pick(a1))
-                _send(base_b, pick(b1))
+                _send(base_a, events)
+                _send(base_b, events)
                 # a's counts must be scraped before it goes away
-                _wait_equal(prom.url, f"sum by (task) (ranker_feedback_labelled_total{{{inst_a}}})", _count(pick(a1)))
+                _wait_equal(prom.url, f"sum by (task) (ranker_feedback_labelled_total{{{inst_a}}})", _count(events))
             # a restarted: its series start again at 0, and must be seen at 0 before new events
             with ranker_serve(bundle_path, tmp_path / "a2.log", port=port_a) as base_a:
                 _wait_equal(prom.url, f"sum by (task) (ranker_feedback_labelled_total{{{inst_a}}})", dict.fromkeys(TASKS, 0.0))
-                _send(base_a, pick(a2))
-                _send(base_b, pick(b2))
+                _send(base_a, events)
+                _send(base_b, events)
                 bad = [
                     {**events[0], "model_version": "ffffffffffffffff"},
                     {**events[0], "task": "likes"},
@@ -116,7 +110,7 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
                 assert _post(base_b, bad[2:])["rejected"] == {"score_out_of_range": 1, "bad_label": 1}
 
                 # exact: the raw sums are what the two live processes counted
-                live = pick(a2) + pick(b1) + pick(b2)
+                live = events * 3  # a's second life and b's two rounds
                 _wait_equal(prom.url, "sum by (task) (ranker_feedback_labelled_total)", _count(live))
                 positives = {t: float(sum(e["label"] for e in live if e["task"] == t)) for t in ("ctr", "cvr")}
                 assert _by_task(prom.url, 'sum by (task) (ranker_feedback_label_total{task=~"ctr|cvr"})') == positives
@@ -129,14 +123,14 @@ def test_rules_on_two_live_servers_with_a_restart(tmp_path: Path, capsys: pytest
                 assert refused == {("ctr", "unknown_model_version"): 2, ("", "unknown_task"): 1, ("ctr", "score_out_of_range"): 2, ("ctr", "bad_label"): 2}
 
                 # the restart: the rule's 1h count still covers a's events from before it
-                total = {t: 2 * c for t, c in _count(events).items()}  # every event, at both replicas
+                total = {t: 4 * c for t, c in _count(events).items()}  # every event, in a's two lives and twice at b
                 wait_for_data(prom.url, f'task:ranker_feedback_labelled:increase1h{{task="ctr"}} > {0.97 * total["ctr"]}')
                 # increase() extrapolates each series to the window's end by up to a scrape
                 # interval: up to tens of percent more on series only seconds old on a slow
-                # machine (1.15x was seen). Losing a's first life would give 65%.
+                # machine (1.15x was seen). Losing a's first life would give 75%.
                 counted = _by_task(prom.url, "task:ranker_feedback_labelled:increase1h")
                 assert all(0.97 * total[t] <= counted[t] <= 1.5 * total[t] for t in TASKS), (counted, total)
-                assert all(_count(live)[t] < 0.7 * total[t] for t in TASKS)  # the raw sums did lose it
+                assert all(_count(live)[t] < 0.8 * total[t] for t in TASKS)  # the raw sums did lose it
                 rules = {
                     "calibration": _by_task(prom.url, "task:ranker_feedback_calibration:ratio_1h"),
                     "ne": _by_task(prom.url, "task:ranker_feedback_ne:1h"),
