@@ -297,6 +297,8 @@ def _audit_source(cfg: RankerConfig, key: str, data: DataConfig, tasks: list[Tas
     train = srcs["train"]
     assert train.schema is not None
     kinds = Featurizer.check_schema(cfg.features, train.schema, str(train.files[0]))
+    for src in srcs.values():
+        src.check_files(Featurizer(cfg.features, kinds))
     if time_column:
         _time_values(pa.RecordBatch.from_pylist([], schema=pa.schema([train.schema.field(time_column)])), time_column, str(train.files[0]))
     edges = _dense_edges(train, [f for f in cfg.features if f.type == "dense"])

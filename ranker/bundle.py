@@ -28,6 +28,7 @@ from ranker import __version__
 from ranker.config import RankerConfig, parse_config
 from ranker.errors import RankerError
 from ranker.features import Featurizer
+from ranker.files import usual_mode
 from ranker.model import MultiTaskRanker
 
 FORMAT = 1
@@ -74,12 +75,46 @@ def _json_bytes(obj: object) -> bytes:
     return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False).encode()
 
 
-def write_atomic_dir(out: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a fresh sibling folder, then swap it in for ``out``."""
+def check_bundle_target(out: str | Path, key: str = "--out") -> Path:
+    """Refuse, before any work, a bundle destination that writing would damage or cannot reach:
+    a file, a folder that holds anything but a bundle's files (it is replaced whole), a
+    parent path that runs into a file, or a folder this process cannot write. An absent
+    ``out`` (created on write) and an earlier bundle (replaced atomically) are fine.
+
+    Raises:
+        RankerError: one line naming ``key`` and the path at fault.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise RankerError(f"{key}: {out} exists and is not a folder; a bundle is a folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (WEIGHTS, MANIFEST, METRICS))
+        if foreign:
+            raise RankerError(f"{key}: {out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                              "so it is not a ranker bundle; writing one there would replace the folder whole; "
+                              "choose an empty or new folder")
+    parent = out.absolute().parent  # where the new bundle is first written, as a sibling
+    while not parent.exists():  # the nearest folder that exists; the rest is created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RankerError(f"{key}: {out} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RankerError(f"{key}: {out}: no permission to write in {parent}")
+    return out
+
+
+def write_atomic_dir(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a fresh sibling folder, then swap it in for ``out``. The folder
+    gets the usual permissions under the umask (``mkdtemp`` makes it owner-only), so a server
+    under another user can read it."""
+    out = Path(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise RankerError(f"{out}: cannot write a bundle there ({e.strerror or e})") from None
+    try:
+        usual_mode(tmp)
         for name, data in files.items():
             _fsync_write(tmp / name, data)
         old = None
@@ -118,7 +153,7 @@ def save_bundle(
     version = hashlib.sha256(weights + _json_bytes(manifest)).hexdigest()[:16]
     manifest["version"] = version
     manifest["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    write_atomic_dir(Path(out), {WEIGHTS: weights, MANIFEST: _json_bytes(manifest), METRICS: _json_bytes(metrics)})
+    write_atomic_dir(check_bundle_target(out), {WEIGHTS: weights, MANIFEST: _json_bytes(manifest), METRICS: _json_bytes(metrics)})
     return version
 
 

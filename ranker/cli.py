@@ -80,8 +80,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     featurizer = b.featurizer.without_bias()  # scores are bias-free: position columns not needed
     cols = featurizer.columns + label_columns(b.config.tasks)
     src = ParquetSource(a.data, "--data", cols)
-    assert src.schema is not None
-    featurizer.check_compatible(src.schema, str(src.files[0]))
+    src.check_files(featurizer)
     feedback = FeedbackFigures(b.config.tasks, b.reference)  # the figures the production feedback rules compute
     res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, observe=feedback.add)
     mon = feedback.figures()

@@ -7,10 +7,11 @@ rather than a silently ignored setting. Imports nothing else of ranker's but ``e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from ranker.errors import RankerError
 
@@ -29,8 +30,26 @@ DEFAULT_BINS = 32  # quantile bins per embedded dense feature (fewer where value
 DEFAULT_NUMERIC_DIM = 12  # embedding width per embedded dense feature (8 -> 12 on census val)
 
 
+def _kinds(annotation: object) -> set[object]:
+    """The plain types an annotation admits (through ``X | None``, ``Annotated`` and lists)."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_kinds(a) for a in args if not isinstance(a, FieldInfo)))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, v: object, info: ValidationInfo) -> object:
+        # pydantic's lax mode reads ``epochs: true`` as 1; a YAML true/false is never a count
+        if isinstance(v, bool) and info.field_name is not None:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"needs a number, not {str(v).lower()}")
+        return v
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -141,6 +160,9 @@ class TaskSpec(_Strict):
                 raise ValueError(f"task {self.name!r}: 'product' needs two or more distinct task names")
         elif self.label is None:
             raise ValueError(f"task {self.name!r}: needs a 'label' column (or a 'product' of tasks)")
+        elif self.mask == self.label:
+            raise ValueError(f"task {self.name!r}: 'mask' is its own label column {self.label!r}, "
+                             "so it would see positives only")
         if self.product and self.data is not None:
             raise ValueError(f"task {self.name!r}: a 'product' task reads its factors' data and takes no 'data' of its own")
         if self.bias_features and (self.type != "binary" or self.product or not self.loss):
@@ -200,6 +222,8 @@ class ModelConfig(_Strict):
     def _film_keys(self) -> ModelConfig:
         if self.film_input and not self.film:
             raise ValueError("film_input: needs 'film: true'")
+        if self.cross_rank is not None and not self.cross_layers:
+            raise ValueError("cross_rank: applies to cross layers only; set cross_layers too")
         return self
 
 

@@ -52,6 +52,7 @@ import yaml
 
 from ranker.config import parse_config
 from ranker.errors import RankerError
+from ranker.files import usual_mode
 from ranker.features import _hash_array, value_kind
 from ranker.training.data import resolve_files
 
@@ -116,15 +117,42 @@ def _sibling(path: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def _sample(files: Sequence[Path], rows: int) -> pa.Table:
+def _schema(files: Sequence[Path]) -> pa.Schema:
+    """The files' common schema: the first file's columns, each with a type every file's
+    values convert to (int32 and int64 as int64, int and float as float). A later file that
+    lacks one of them, or holds it as another kind (strings where the first has numbers), is
+    an error naming both files."""
+    schemas = []
+    for f in files:
+        try:
+            schemas.append(pq.ParquetFile(f).schema_arrow)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise RankerError(f"{f}: not a readable Parquet file ({e})") from None
+    first = schemas[0]
+    merged = pa.schema([first.field(n) for n in first.names])
+    for f, other in zip(files[1:], schemas[1:], strict=True):
+        for name in first.names:
+            i = other.get_field_index(name)
+            if i < 0:
+                raise RankerError(f"{f}: no column {name!r}, which {files[0]} has; the files must share their columns")
+            try:
+                merged = pa.unify_schemas([merged, pa.schema([other.field(i)])], promote_options="permissive")
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                raise RankerError(f"{f}: column {name!r} is {other.field(i).type}, "
+                                  f"{first.field(name).type} in {files[0]}") from None
+    return pa.schema([merged.field(n) for n in first.names])
+
+
+def _sample(files: Sequence[Path], rows: int, schema: pa.Schema) -> pa.Table:
+    """Up to ``rows`` rows from the start of the files, as ``schema`` (``_schema``) says."""
     parts, n = [], 0
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=min(rows, 65_536)):
-            parts.append(rb.slice(0, rows - n))
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=min(rows, 65_536), columns=schema.names):
+            parts.append(pa.Table.from_batches([rb.slice(0, rows - n)]).cast(schema))
             n += min(rb.num_rows, rows - n)
             if n >= rows:
-                return pa.Table.from_batches(parts)
-    return pa.Table.from_batches(parts)
+                return pa.concat_tables(parts)
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def _distinct(col: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -133,8 +161,19 @@ def _distinct(col: pa.Array | pa.ChunkedArray) -> pa.Array:
     return u.filter(pc.is_valid(u))
 
 
-def _feature(name: str, col: pa.ChunkedArray) -> tuple[list[dict], str]:
-    """The feature specs for one column, and a note on what was decided."""
+def _free_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base2``, ``base3``, ... : the first not in ``taken``."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
+def _feature(name: str, col: pa.ChunkedArray, taken: set[str] = frozenset()) -> tuple[list[dict], str]:  # type: ignore[assignment]
+    """The feature specs for one column, and a note on what was decided. ``taken``: names
+    already in use (every column's, and the features' so far), which an extra feature of this
+    column must not reuse."""
     t = col.type
     if pa.types.is_dictionary(t):
         t = t.value_type
@@ -163,10 +202,14 @@ def _feature(name: str, col: pa.ChunkedArray) -> tuple[list[dict], str]:
         feats = [{"name": name, "type": "dense"}]
         if d <= CODE_VALUES:
             b = _collision_free_buckets(u, "int")
-            feats.append({"name": f"{name}_cat", "column": name, "type": "categorical", "buckets": b, "dim": _dim(d)})
-            return feats, f"dense + categorical code, {d} distinct"
+            code = _free_name(f"{name}_cat", taken)
+            feats.append({"name": code, "column": name, "type": "categorical", "buckets": b, "dim": _dim(d)})
+            return feats, f"dense + categorical code {code!r}, {d} distinct"
         return feats, f"dense, {d} distinct"
     if pa.types.is_floating(t):
+        if is_identifier(name):  # what pandas writes for an integer id column with nulls
+            return [{"name": name, "type": "dense"}], ("dense; WARNING: named as an identifier but stored as floats, "
+                                                       "so it cannot be embedded: write it as int64 or string, or --exclude it")
         return [{"name": name, "type": "dense"}], "dense"
     return [], f"left out: type {t}"
 
@@ -239,25 +282,22 @@ def infer_config(
     if not labels:
         raise RankerError("--label: name at least one label column")
     files = resolve_files(data, "--data")
-    try:
-        schema = pq.ParquetFile(files[0]).schema_arrow
-    except (pa.ArrowInvalid, OSError) as e:
-        raise RankerError(f"{files[0]}: not a readable Parquet file ({e})") from None
+    schema = _schema(files)
     where = str(files[0])
     for c in [*labels, *exclude]:
         if schema.get_field_index(c) < 0:
             raise RankerError(f"{where}: no column {c!r} (columns: {', '.join(schema.names[:12])}{', ...' if len(schema.names) > 12 else ''})")
     if len(set(labels)) != len(labels):
         raise RankerError("--label: a column is named twice")
-    table = _sample(files, sample_rows)
+    table = _sample(files, sample_rows, schema)
     if table.num_rows == 0:
-        raise RankerError(f"{where}: holds no rows")
+        raise RankerError(f"{data}: holds no rows")
 
     features, notes = [], []
     for name in schema.names:
         if name in labels or name in exclude:
             continue
-        feats, note = _feature(name, table.column(name))
+        feats, note = _feature(name, table.column(name), set(schema.names) | {f["name"] for f in features})
         features += feats
         notes.append(f"{name}: {note}")
     if not features:
@@ -299,10 +339,14 @@ def write_init_config(out: str | Path, cfg: dict, header: Sequence[str], force: 
     if p.exists() and not force:
         raise RankerError(f"{p}: exists; pass --force to replace it")
     parse_config(cfg, "ranker init")  # what is written must load
-    text = "".join(f"# {h}\n" for h in header) + yaml.safe_dump(cfg, sort_keys=False)
+    # every line of every note commented (a column name may hold a line break)
+    text = "".join(f"# {line}\n" for h in header for line in (h.splitlines() or [""])) + yaml.safe_dump(cfg, sort_keys=False)
+    if yaml.safe_load(text) != cfg:
+        raise RankerError(f"{p}: ranker init: the config text does not read back as written (a column name it cannot quote?)")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
+        usual_mode(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, p)

@@ -83,6 +83,10 @@ CONFIG_ERRORS = {
     "unknown_weighting": (lambda r: r["train"].update(weighting="magic"), r"train\.weighting: unknown weighting 'magic'; valid: static, uncertainty"),
     "missing_train_data": (lambda r: r["data"].update(train="nowhere/*.parquet"), r"data\.train: no Parquet files found at .*nowhere"),
     "label_as_feature": (lambda r: r["features"].append({"name": "click", "type": "dense"}), r"label column 'click'"),
+    # pydantic's lax mode would read true as 1
+    "flag_as_count": (lambda r: r["train"].update(epochs=True), r"train\.epochs: needs a number, not true"),
+    "mask_is_own_label": (lambda r: r["tasks"][0].update(mask=r["tasks"][0]["label"]), r"'mask' is its own label column 'click'"),
+    "cross_rank_alone": (lambda r: r["model"].update(cross_rank=4), r"cross_rank: applies to cross layers only"),
 }
 
 
@@ -113,6 +117,9 @@ DATA_ERRORS = {
     "empty_data": (lambda t: t.slice(0, 0), r"data\.train: .* holds no rows"),
     "label_outside_0_1": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([2] * t.num_rows, pa.int64())), r"bad\.parquet: column 'click' has value 2; binary task 'ctr' needs 0 or 1"),
     "string_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array(["x"] * t.num_rows)), r"label column 'watch_seconds' has type string"),
+    # no clicks: cvr (masked by click) has no row to learn from
+    "no_labelled_rows": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())),
+                         r"data\.train: task 'cvr' has no labelled rows in column 'conversion' where 'click' is 1"),
 }
 
 
@@ -158,3 +165,73 @@ def test_evaluate_refuses_data_whose_ids_changed_kind(tiny_bundle: Path, tiny_lo
     pq.write_table(t, tmp_path / "strings.parquet")
     line = _err(*run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "strings.parquet")], capsys)[::2])
     assert "strings.parquet: feature 'user_id' holds str values but was trained on int values" in line
+
+
+def test_a_later_file_of_another_kind_is_refused_naming_it(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every file's schema is checked, not only the first's: user ids as digit strings in a
+    second file would hash into other buckets than the first file's integers."""
+    cfg = copy_logs(tiny_logs, tmp_path)
+    second = sorted((cfg.parent / "train").glob("*.parquet"))[1]
+    t = pq.read_table(second)
+    pq.write_table(t.set_column(t.schema.get_field_index("user_id"), "user_id", t.column("user_id").cast(pa.string())), second)
+    for cmd in (["train", "--config", str(cfg), "--out", str(tmp_path / "b")], ["audit", "--config", str(cfg)]):
+        line = _err(*run(cmd, capsys)[::2])
+        assert f"{second}: feature 'user_id' holds str values but was trained on int values" in line, line
+
+
+def test_an_undefined_val_monitor_is_an_error_naming_the_split(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=2, monitor="ctr.auc"))
+    val = next((cfg.parent / "val").glob("*.parquet"))
+    t = pq.read_table(val)
+    pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())), val)
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]  # after the run's own log lines: the error comes at the first validation
+    assert line.startswith("ranker: error: data.val: train.monitor 'ctr.auc' is undefined on the val split: task(s) 'ctr' have"), line
+    assert not (tmp_path / "b").exists()
+
+
+def test_out_that_is_not_a_bundle_is_refused_before_training(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--out`` is replaced whole: a folder holding anything but a bundle (here the data and
+    config themselves) is refused, as is a path through a file, and nothing is touched."""
+    cfg = copy_logs(tiny_logs, tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(cfg.parent)], capsys)[::2])
+    assert f"--out: {cfg.parent} holds config.yaml, test, train, ..., so it is not a ranker bundle" in line, line
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(cfg / "b")], capsys)[::2])
+    assert f"--out: {cfg / 'b'} cannot be created: {cfg} is a file" in line, line
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(cfg)], capsys)[::2])
+    assert f"--out: {cfg} exists and is not a folder" in line, line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_bundles_are_readable_by_other_users_and_replace_earlier_bundles(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from ranker.files import umask
+
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=1))
+    out = tmp_path / "b"
+    for _ in range(2):  # the second run replaces the first's bundle
+        code, _, err = run(["train", "--config", str(cfg), "--out", str(out), "--quiet"], capsys)
+        assert code == 0, err
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()  # not mkdtemp's owner-only 0700
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "metrics.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")], "a temporary folder was left behind"
+    assert os.access(out / "manifest.json", os.R_OK)
+
+
+def test_a_fresh_run_refuses_a_checkpoint_folder_of_an_earlier_run(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pruning keeps the highest steps whoever wrote them, so a fresh run into an earlier run's
+    checkpoints would delete its own as it wrote them; it must say so and stop instead."""
+    ck = tmp_path / "ck"
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=1, checkpoint={"dir": str(ck), "every_steps": 1000}))
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 0, err
+    kept = sorted(ck.iterdir())
+    assert kept
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(tmp_path / "c"), "--quiet"], capsys)[::2])
+    assert f"train.checkpoint.dir: {ck} holds an earlier run's checkpoints (newest {kept[-1].name}); pass --resume" in line, line
+    assert sorted(ck.iterdir()) == kept and not (tmp_path / "c").exists()
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "c"), "--quiet", "--resume"], capsys)
+    assert code == 0, err

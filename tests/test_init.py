@@ -192,3 +192,64 @@ def test_a_large_identifier_table_turns_on_sparse_embeddings(tmp_path: Path) -> 
     without = tmp_path / "plain.yaml"
     assert main(["init", "--data", str(tmp_path / "train.parquet"), "--label", "click", "--exclude", "user_id", "--out", str(without)]) == 0
     assert not load_config(without).train.sparse_embeddings
+
+
+def _init(data: Path, out: Path, label: str = "click") -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["init", "--data", str(data), "--label", label, "--out", str(out)])
+    return rc, err.getvalue()
+
+
+def test_init_names_the_file_whose_schema_differs_and_reads_widened_types(tmp_path: Path) -> None:
+    """A folder of files is one data set: a later file lacking a column or holding it as
+    another kind is an error naming both files; int32 beside int64 (or int beside float) is
+    read as the wider type."""
+    t = _table(400, 0).drop_columns(["tags", "seen_at", "row_id"])
+    for name, later in {
+        "strings": t.set_column(t.schema.get_field_index("age"), "age", t.column("age").cast(pa.string())),
+        "missing": t.drop_columns(["city"]),
+    }.items():
+        d = tmp_path / name
+        d.mkdir()
+        pq.write_table(t, d / "p1.parquet")
+        pq.write_table(later, d / "p2.parquet")
+        rc, err = _init(d, tmp_path / f"{name}.yaml")
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        want = "column 'age' is string, int64 in" if name == "strings" else "no column 'city', which"
+        assert f"{d / 'p2.parquet'}: {want}" in err and str(d / "p1.parquet") in err, err
+    d = tmp_path / "widened"
+    d.mkdir()
+    pq.write_table(t, d / "p1.parquet")
+    pq.write_table(t.set_column(t.schema.get_field_index("income"), "income", pa.array(np.arange(400), pa.int32())), d / "p2.parquet")
+    rc, err = _init(d, tmp_path / "w.yaml")
+    assert rc == 0, err
+    assert {f.name: f.type for f in load_config(tmp_path / "w.yaml").features}["income"] == "dense"
+
+
+def test_init_on_an_empty_file_is_one_line(tmp_path: Path) -> None:
+    pq.write_table(_table(10, 0).slice(0, 0), tmp_path / "empty.parquet")
+    rc, err = _init(tmp_path / "empty.parquet", tmp_path / "e.yaml")
+    assert rc == 2 and err.strip() == f"ranker: error: {tmp_path / 'empty.parquet'}: holds no rows", err
+
+
+def test_init_survives_odd_column_names(tmp_path: Path) -> None:
+    """A line break in a column name stays inside the header's comments; an existing
+    ``code_cat`` column makes the code feature of ``code`` take the next free name; a float
+    column named as an identifier is flagged."""
+    t = _table(600, 0).drop_columns(["tags", "seen_at", "row_id"])
+    t = t.append_column("a\nb: 1", pa.array(np.arange(600) % 5 * 1.5))
+    t = t.append_column("code_cat", pa.array(["x", "y"] * 300))
+    t = t.append_column("user_id", pa.array(np.where(np.arange(600) % 7 == 0, np.nan, np.arange(600) % 50)))
+    pq.write_table(t, tmp_path / "odd.parquet")
+    rc, err = _init(tmp_path / "odd.parquet", tmp_path / "odd.yaml")
+    assert rc == 0, err
+    cfg = load_config(tmp_path / "odd.yaml")
+    names = [f.name for f in cfg.features]
+    assert {"code_cat", "code_cat2", "a\nb: 1"} <= set(names) and len(names) == len(set(names))
+    assert next(f for f in cfg.features if f.name == "code_cat2").source == "code"
+    text = (tmp_path / "odd.yaml").read_text()
+    assert "user_id: dense; WARNING: named as an identifier but stored as floats" in text

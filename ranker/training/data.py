@@ -112,7 +112,8 @@ class ParquetSource:
         self.key = key
         self.files = resolve_files(spec, key)
         self.num_rows = 0
-        self.schema: pa.Schema | None = None
+        self.schema: pa.Schema | None = None  # the first file's
+        self.schemas: list[pa.Schema] = []  # every file's, in file order
         self.units: list[Unit] = []  # every non-empty row group, in file order (from the footers)
         for i, f in enumerate(self.files):
             try:
@@ -124,11 +125,19 @@ class ParquetSource:
                 if schema.get_field_index(c) < 0:
                     raise RankerError(f"{f}: missing column {c!r} ({key})")
             self.schema = self.schema or schema
+            self.schemas.append(schema)
             self.num_rows += meta.metadata.num_rows
             md = meta.metadata
             self.units += [Unit(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups) if md.row_group(g).num_rows]
         if self.num_rows == 0:
             raise RankerError(f"{key}: {spec} holds no rows")
+
+    def check_files(self, featurizer: Featurizer) -> None:
+        """Check every file's schema, not just the first's, against ``featurizer``: a column
+        of another type in a later file would fail mid-epoch, or (int codes in one file,
+        their digits as strings in another) hash the same value into other buckets."""
+        for f, schema in zip(self.files, self.schemas, strict=True):
+            featurizer.check_compatible(schema, str(f))
 
     def fingerprint(self) -> list[list[object]]:
         """What identifies the data for a resume: each file's path, size and row groups."""

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from ranker.config import parse_config
 from ranker.errors import RankerError
+from ranker.files import usual_mode
 
 SCHEMA = pa.schema(
     [
@@ -577,6 +578,7 @@ def write_synthetic(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        usual_mode(tmp)
         w = _world(seed, float(task_correlation))
         n_train, n_val = rows * 8 // 10, rows // 10
         sizes = (n_train, n_val, rows - n_train - n_val)

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ranker.bundle import save_bundle
+from ranker.bundle import check_bundle_target, save_bundle
 from ranker.config import RankerConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import DenseFit, Featurizer, RunningMoments
 from ranker.model import MultiTaskRanker
 from ranker.reference import reference_histogram
-from ranker.training.checkpoint import check_resume, load_latest, save_checkpoint
+from ranker.training.checkpoint import check_resume, checkpoints, load_latest, save_checkpoint
 from ranker.training.data import (
     Loader,
     ParquetSource,
@@ -33,7 +33,7 @@ from ranker.training.data import (
 from ranker.training.diagnostics import EpochProbe, format_diagnostics
 from ranker.training.distributed import Collective
 from ranker.training.evaluation import accumulators
-from ranker.training.metrics import check_monitor, monitor_value
+from ranker.training.metrics import PRIMARY, check_monitor, monitor_value
 from ranker.training.optim import build_optimizer, row_sparse
 from ranker.training.schedule import build_schedule
 from ranker.training.sources import (
@@ -193,8 +193,8 @@ class Trainer:
     # ----- data ----------------------------------------------------------------------------
     def fit_featurizer(self, sources: list[TaskSource]) -> tuple[Featurizer, dict[str, tuple[float, float]]]:
         """One streaming pass over every source's train split: dense statistics over all of
-        them, label checks, regression target stats over each task's own source. Every split's
-        schema is checked against the first train file's first (value kinds must agree).
+        them, label checks, regression target stats over each task's own source. Every file of
+        every split has its schema checked against the first train file's (value kinds must agree).
 
         Over several ranks the pass is shared: each rank reads a disjoint share of every train
         split's row groups (``plan_units`` in file order), and the ranks then merge their
@@ -205,13 +205,13 @@ class Trainer:
         kinds = Featurizer.check_schema(self.cfg.features, first.schema, str(first.files[0]))
         for src in sources:
             for split in src.splits():
-                if split is not first and split.schema is not None:
-                    Featurizer(self.cfg.features, kinds).check_compatible(split.schema, str(split.files[0]))
+                split.check_files(Featurizer(self.cfg.features, kinds))
         dense = [f.source for f in self.cfg.features if f.type == "dense"]
         target = {t.name: RunningMoments() for t in self.cfg.tasks if t.type == "regression"}
         ranks = self.ranks
         failed: list[Exception] = []  # this rank's error, held until the ranks meet
         rows = 0
+        seen = {t.name: [0, 0] for t in self.cfg.tasks if t.label is not None}  # task -> [labelled rows, positives]
 
         def tapped() -> Iterator[pa.RecordBatch]:
             nonlocal rows
@@ -221,6 +221,11 @@ class Trainer:
                     regression = [t for t in src.tasks if t.type == "regression"]
                     for f, rb in src.train.batches(cols, units=plan_units(src.train.units, ranks.world)[ranks.rank]):
                         labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
+                        for t in src.tasks:
+                            if t.name in seen:
+                                y = labels[f"label:{t.name}"].numpy()
+                                seen[t.name][0] += int(np.isfinite(y).sum())
+                                seen[t.name][1] += int((y == 1).sum())
                         for t in regression:
                             y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
                             target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
@@ -232,30 +237,36 @@ class Trainer:
         shares: list[int] = []  # each rank's rows, once the ranks have met
 
         def combine(fit: DenseFit) -> DenseFit:
-            parts = ranks.gather_objects((fit, target, failed[:1], rows))  # one process: [its own]
-            errors = failed[:1] or [e for *_, err, _ in parts for e in err]
+            parts = ranks.gather_objects((fit, target, failed[:1], rows, seen))  # one process: [its own]
+            errors = failed[:1] or [e for _, _, err, _, _ in parts for e in err]
             if errors:
                 raise errors[0]
             merged = parts[0][0]
             for other, *_ in parts[1:]:
                 merged.merge(other)
             summed = {name: RunningMoments() for name in target}  # one process: parts hold ``target`` itself
-            for _, moments, _, _ in parts:
+            for _, moments, _, _, _ in parts:
                 for name, m in moments.items():
                     summed[name].merge(m)
             target.update(summed)
             shares[:] = [p[3] for p in parts]
+            seen.update({name: [sum(p[4][name][k] for p in parts) for k in (0, 1)] for name in seen})
             return merged
 
         t0 = time.perf_counter()
         featurizer = Featurizer.fit(self.cfg.features, first.schema, tapped(), str(first.files[0]),
                                     bias=self.cfg.bias_feature_names, combine=combine)
+        labelled = [(src, t, *seen[t.name]) for src in sources for t in src.tasks if t.name in seen]
+        for src, t, n, _ in labelled:  # errors first: a failed run prints one line
+            if n == 0:
+                where = f" where {t.mask!r} is 1" if t.mask else ""
+                raise RankerError(f"{src.train.key}: task {t.name!r} has no labelled rows in column {t.label!r}{where}")
         spread = f", read once over {ranks.world} ranks ({'/'.join(f'{n:,}' for n in shares)})" if ranks.world > 1 else ""
         self.log(f"featurizer fitted on {sum(shares):,} train rows in {time.perf_counter() - t0:.1f} s{spread}")
-        for src in sources:
-            for t in src.tasks:
-                if t.name in target and target[t.name].count == 0:
-                    raise RankerError(f"{src.train.key}: task {t.name!r} has no labelled rows in column {t.label!r}")
+        for src, t, n, positives in labelled:
+            if t.type == "binary" and positives in (0, n):
+                self.log(f"warning: {src.train.key}: task {t.name!r} has only label {int(positives > 0)} "
+                         f"in its {n:,} labelled rows; it can learn nothing to rank by")
         return featurizer, {k: (m.mean, m.std) for k, m in target.items()}
 
     def evaluate_sources(self, model: MultiTaskRanker, parts: list[tuple[Loader, list[TaskSpec], list[Unit]]]) -> EvalResult:
@@ -292,12 +303,43 @@ class Trainer:
             self.ranks.barrier()
             self.ranks.close()
 
+    def _output_problem(self, out: Path, resume: bool) -> str | None:
+        """What would make this run's writes fail or destroy something, found before training:
+        a bad bundle destination, or (without ``resume``) a checkpoint folder holding an
+        earlier run's checkpoints, which pruning (newest steps kept, whoever wrote them) would
+        mix with this run's and a later ``--resume`` would take."""
+        try:
+            check_bundle_target(out)
+        except RankerError as e:
+            return str(e)
+        ck = self.cfg.train.checkpoint
+        if ck is not None and not resume and (found := checkpoints(ck.dir)):
+            return (f"train.checkpoint.dir: {ck.dir} holds an earlier run's checkpoints (newest {found[0].name}); "
+                    "pass --resume to continue that run, or remove them to start afresh")
+        return None
+
+    def _undefined_monitor(self, sources: list[TaskSource], metrics: dict[str, dict[str, float]]) -> str:
+        """The error for a val split that cannot choose epochs: which tasks' metrics are
+        undefined there, and on which split."""
+        monitor = self.cfg.train.monitor
+        task, _, metric = monitor.partition(".")
+        bad = [(src.val.key, t) for src in sources for t in src.tasks
+               if (monitor == "mean" or t.name == task)
+               and not np.isfinite(metrics.get(t.name, {}).get(metric or PRIMARY[t.type], float("nan")))]
+        where = ", ".join(dict.fromkeys(k for k, _ in bad)) or "data.val"
+        tasks = ", ".join(repr(t.name) for _, t in bad)
+        return (f"{where}: train.monitor {monitor!r} is undefined on the val split: task(s) {tasks} "
+                "have no labelled rows there, or a binary task only one class; epochs cannot be chosen on it")
+
     def _run(self, out: Path, resume: bool) -> TrainResult:
         cfg, tc, ranks = self.cfg, self.cfg.train, self.ranks
         if resume and tc.checkpoint is None:
             raise RankerError("--resume: the config has no train.checkpoint section to resume from")
         if tc.batch_size % ranks.world:
             raise RankerError(f"train.batch_size: {tc.batch_size} does not split evenly over {ranks.world} ranks")
+        problem = self._output_problem(out, resume) if ranks.is_main else None  # rank 0 writes; all ranks stop alike
+        if (problem := ranks.broadcast_object(problem)) is not None:
+            raise RankerError(problem)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         device, dtype = ranks.device, PRECISIONS[tc.precision]
@@ -340,10 +382,9 @@ class Trainer:
                                 unlabelled=[n for n in names if n not in o]) for src, o, b in zip(sources, own, reads, strict=True)]
         val_parts = [(Loader(src.val, featurizer, src.tasks, EVAL_BATCH, pin=pin), src.tasks,
                       plan_units(src.val.units, ranks.world)[ranks.rank]) for src in sources]
-        for src in sources:
-            if row_groups and len(src.train.units) < ranks.world:
-                raise RankerError(f"{src.train.key}: {len(src.train.units)} row groups cannot feed {ranks.world} ranks; "
-                                  "write the files with more row groups or use train.sharding: batches")
+        for src in sources:  # plan_units splits row groups, so only a split with fewer rows than ranks is short
+            if row_groups and src.train.num_rows < ranks.world:
+                raise RankerError(f"{src.train.key}: {src.train.num_rows} rows cannot feed {ranks.world} ranks")
         streams = Streams(sources, train_loaders, tc.seed, ranks.rank, ranks.world, tc.batch_size, sizes, row_groups, self.log)
         if len(sources) > 1:
             share = (lambda k: f"{sizes[k]:,} rows of every batch") if mix == "rows" else (lambda k: f"{rates[k]:.1%} of batches")
@@ -482,6 +523,8 @@ class Trainer:
             bar.close()
             val = self.evaluate_sources(model, val_parts)
             score = monitor_value(tc.monitor, val.metrics, self.task_types)
+            if not np.isfinite(score):
+                raise RankerError(self._undefined_monitor(sources, val.metrics))
             diag = probe.summary()
             record = {"epoch": epoch + 1, "train_loss": dict(pg.ema), "val": val.metrics, "monitor": score,
                       "lr": opt.param_groups[0]["lr"],
