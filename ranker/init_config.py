@@ -52,8 +52,8 @@ import yaml
 
 from ranker.config import parse_config
 from ranker.errors import RankerError
-from ranker.files import usual_mode
 from ranker.features import _hash_array, value_kind
+from ranker.files import usual_mode
 from ranker.training.data import resolve_files
 
 SAMPLE_ROWS = 100_000
