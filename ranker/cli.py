@@ -124,17 +124,15 @@ def _cmd_audit(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> None:
-    import logging
-
     from ranker.serving import ServingSettings
-    from ranker.serving.workers import serve
+    from ranker.serving.workers import configure_logging, serve
 
     settings = ServingSettings.from_env(
         bundle=a.bundle, host=a.host, port=a.port, device=a.device,
         max_items=a.max_items, max_body_bytes=a.max_body_bytes, concurrency=a.concurrency, max_queue=a.max_queue,
         batch_window_ms=a.batch_window_ms, workers=a.workers,
     )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    configure_logging()
     serve(settings, log_level=a.log_level, access_log=a.access_log)
 
 

@@ -235,12 +235,15 @@ def test_bad_events_are_counted_by_reason(bundle_path: Path, offline: Bundle) ->
             b' {"model_version": "%s", "task": "watch", "score": 1e999, "label": 3},'
             b' {"model_version": "%s", "task": "cvr", "score": "0.5", "label": 1}, 7, {"task": "ctr"},'
             b' {"model_version": "%s", "task": "ctr", "score": 0.5, "label": true},'
-            b' {"model_version": "%s", "task": "ctr", "score": 0.75, "label": 0}]}'
-        ) % ((v.encode(),) * 5)
+            b' {"model_version": "%s", "task": "ctr", "score": 0.75, "label": 0},'
+            b' {"model_version": "%s", "task": "watch", "score": 1%s, "label": 3},'  # an integer past the float range
+            b' {"model_version": "%s", "task": "watch", "score": 1e300, "label": 3}]}'  # finite, but its square is not
+        ) % (v.encode(), v.encode(), v.encode(), v.encode(), v.encode(), v.encode(), b"0" * 400, v.encode())
         r = s.post(raw)
         assert r.status_code == 200
         assert r.json()["accepted"] == 1
-        assert r.json()["rejected"] == {"non_finite": 2, "bad_event": 4}
+        assert r.json()["rejected"] == {"non_finite": 3, "bad_event": 4, "score_out_of_range": 1}
+        assert r.json()["detail"]["score_out_of_range"] == "events[8].score: 1e+300 is outside [0, 1e+15] for regression task watch"
         assert r.json()["detail"]["bad_event"].startswith("events[2]: needs model_version and task")
         counted = {
             (t, o): s.value("ranker_feedback_events_total", task=t, outcome=o)
@@ -251,7 +254,7 @@ def test_bad_events_are_counted_by_reason(bundle_path: Path, offline: Bundle) ->
         assert counted == {
             ("ctr", "accepted"): 3, ("watch", "accepted"): 1, ("ctr", "unknown_model_version"): 1,
             ("", "unknown_task"): 1, ("cvr", "score_out_of_range"): 1, ("ctr", "score_out_of_range"): 1,
-            ("cvr", "bad_label"): 1, ("watch", "score_out_of_range"): 1, ("ctr", "non_finite"): 1, ("watch", "non_finite"): 1,
+            ("cvr", "bad_label"): 1, ("watch", "score_out_of_range"): 2, ("ctr", "non_finite"): 1, ("watch", "non_finite"): 2,
             ("cvr", "bad_event"): 1, ("", "bad_event"): 1, ("ctr", "bad_event"): 2,
         }  # fmt: skip
         # only the accepted events reached the sums
@@ -267,6 +270,7 @@ def test_whole_requests_refused_with_a_4xx(bundle_path: Path) -> None:
     with serve(bundle_path, max_items=5, max_body_bytes=4096, drain_seconds=0.5) as s:
         cases = [
             (b'{"events": [', 422, "bad_json"),
+            (b'{"events": [], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 422, "bad_json"),  # too deep for msgspec and json
             (b'{"events": 3}', 422, "bad_type"),
             (b"[]", 422, "bad_type"),
             (json.dumps({"events": [{}] * 6}).encode(), 422, "too_many_items"),

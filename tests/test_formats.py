@@ -140,6 +140,9 @@ BAD_COLUMNS = [
     ("too_many", {"columns": {"price": [1.0] * 6}}, "too_many_items", "columns"),
     ("both_layouts", {"items": [{}], "columns": {"price": [1.0]}}, "bad_type", "body"),
     ("columns_null", {"columns": None}, "bad_type", "columns"),
+    # a bag is padded to its longest list: one long list would cost every candidate its length
+    ("list_too_long", {"columns": {"tags": [["a"], ["a"] * 5]}}, "too_many_values", "columns.tags[1]"),
+    ("list_too_long_rows", {"items": [{}, {"tags": ["a"] * 5}]}, "too_many_values", "items[1].tags"),
 ]
 
 BAD_ARROW = [
@@ -155,12 +158,14 @@ BAD_ARROW = [
     ("scalar_for_list", _tbl(tags=pa.array(["a"])), "bad_type", "columns.tags"),
     ("no_rows", _tbl(price=pa.array([], pa.float64())), "empty_items", "body"),
     ("too_many", _tbl(price=pa.array([1.0] * 6)), "too_many_items", "body"),
+    ("list_too_long", _tbl(tags=pa.array([["a"], None, ["b"] * 5])), "too_many_values", "columns.tags[2]"),
+    ("ints_for_string_list", _tbl(tags=pa.array([[1], [2, 3]])), "bad_type", "columns.tags"),
 ]
 
 
 @pytest.mark.parametrize(("body", "reason", "field"), [b[1:] for b in BAD_COLUMNS + BAD_ARROW], ids=[b[0] for b in BAD_COLUMNS + BAD_ARROW])
 def test_bad_columns_are_422_naming_the_column(body: Any, reason: str, field: str) -> None:
-    with app(max_items=5) as c:
+    with app(max_items=5, max_list_values=4) as c:
         if isinstance(body, pa.Table):
             r = c.post("/predict", content=arrow_body(body), headers=ARROW)
         elif isinstance(body, bytes):
@@ -185,6 +190,34 @@ def test_arrow_null_columns_and_unknown_columns_are_missing_features(rows: pa.Ta
         same(c.post("/predict", content=body, headers=ARROW).json()["scores"], want)
         only_unknown = c.post("/predict", content=arrow_body(_tbl(extra=pa.array([1, 2]))), headers=ARROW)
         assert only_unknown.status_code == 200 and len(only_unknown.json()["scores"]["ctr"]) == 2
+
+
+def test_a_list_of_the_wrong_values_is_named_by_the_list_type() -> None:
+    with app() as c:
+        r = c.post("/predict", content=arrow_body(_tbl(tags=pa.array([[1], [2, 3]]))), headers=ARROW)
+    assert r.json()["detail"] == "columns.tags: has type list<item: int64>; feature values here are strings", r.text
+
+
+def test_compressed_arrow_bodies_decode_only_read_columns_within_a_bound() -> None:
+    """A zstd stream is small on the wire and large decoded: a column the bundle does not read
+    is never decompressed, and the read ones stop at 4x the body limit (413), batch by batch."""
+    def zstd(*batches: pa.RecordBatch) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batches[0].schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            for b in batches:
+                w.write_batch(b)
+        return sink.getvalue().to_pybytes()
+
+    big = "a" * (2 * 2**20)  # 2 MiB a value, a few hundred bytes compressed
+    with app(max_body_bytes=2**18) as c:  # decoded columns bounded at 1 MiB
+        unread = zstd(pa.record_batch({"price": pa.array([1.0, 2.0]), "unread": pa.array([big, big])}))
+        assert len(unread) < 2**16
+        r = c.post("/predict", content=unread, headers=ARROW)
+        assert r.status_code == 200 and len(r.json()["scores"]["ctr"]) == 2, r.text
+        read = zstd(*[pa.record_batch({"device": pa.array([big[: 2**17]] * 2)}) for _ in range(8)])  # 2 MiB over 8 batches
+        r = c.post("/predict", content=read, headers=ARROW)
+        assert r.status_code == 413 and r.json()["reason"] == "body_too_large", r.text
+        assert r.json()["detail"] == "body: its columns decode to more than 1,048,576 bytes"
 
 
 @pytest.mark.parametrize(("content_type", "accept", "status"), [

@@ -241,6 +241,8 @@ BAD_REQUESTS = [
     ("string_for_list", {"items": [{"tags": "a"}]}, "bad_type", "items[0].tags"),
     ("lone_surrogate", '{"items": [{"device": "\\ud800"}]}', "bad_json", "body"),
     ("items_null", {"items": None}, "bad_type", "items"),
+    # 2 KB: msgspec recursing into an unknown key's value (a RecursionError, once a 500)
+    ("deep_nesting", '{"items": [{"x": ' + "[" * 1000 + "]" * 1000 + "}]}", "bad_json", "body"),
 ]
 
 

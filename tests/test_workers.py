@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,6 +114,7 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
     assert not list(mdir.glob(f"gauge_live*_{served}.db"))  # the dead worker's live gauges dropped at scrape
 
     # a restart on the same directory starts from zero: no stale files summed in
+    env = {**env, "RANKER_FEEDBACK_TOKEN": "fb-secret"}
     with ranker_serve(mmoe_bundle(), tmp_path / "again.log", "--workers", "2", env=env) as url:
         m = scrape(url)
         assert value(m, "ranker_requests_total", status="2xx") == 0
@@ -132,6 +135,12 @@ def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Pat
         asyncio.run(burst())
         assert len(score_pids(mdir)) == 2
         assert value(scrape(url), "ranker_requests_total", status="2xx") == 32
+        # every worker takes the feedback token itself (settings travel to workers as JSON,
+        # where a secret would be written as asterisks)
+        event = {"events": [{"model_version": b.version, "task": "ctr", "score": 0.3, "label": 1}]}
+        for token, code in (("fb-secret", 200), ("**********", 401)):
+            for _ in range(8):  # new connections: both workers, in all likelihood
+                assert httpx.post(f"{url}/feedback", json=event, headers={"Authorization": f"Bearer {token}"}).status_code == code
     assert not list(mdir.iterdir())  # a directory we were given is emptied of our files on exit
 
 
@@ -203,6 +212,18 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
             client.join()
         m = scrape(url)
         live = live_gauge_pids(mdir)  # after a scrape: the replaced workers' live gauges dropped
+        # a roll onto something that is not a bundle gives up as soon as the new worker dies
+        # (not after the start-up timeout), keeping the workers that serve
+        current.unlink()
+        current.symlink_to(tmp_path)
+        t0 = time.monotonic()
+        os.kill(supervisor, signal.SIGHUP)
+        wait_for(lambda: "restart aborted" in (tmp_path / "serve.log").read_text(), timeout=120)
+        aborted_after = time.monotonic() - t0
+        assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).headers["X-Model-Version"] == new.version
+    log = (tmp_path / "serve.log").read_text()
+    assert "did not start (exit code" in log and aborted_after < 100, (aborted_after, log[-2000:])
+    assert "warm and ready" in log  # the workers' own ranker.serving lines reach the log
     assert versions[0] == old.version and set(versions[n:]) == {new.version}  # every worker replaced
     assert set(versions) == {old.version, new.version}
     assert len(live) == 2 and not live & first
@@ -211,3 +232,35 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
     assert value(m, "ranker_ready") == 1
     assert value(m, "ranker_requests_total", status="2xx") == len(versions)  # counts kept across the roll
     assert not failures, failures[:5]
+
+
+def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
+    from ranker.serving.multiproc import clear_dir
+
+    ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin"]
+    theirs = ["app.db", "keep.txt", "counter.db", "notes_12.db"]
+    for name in ours + theirs:
+        (tmp_path / name).write_bytes(b"x")
+    clear_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_one_worker_with_a_metrics_dir_starts_from_zero_and_bind_errors_are_one_line(tmp_path: Path) -> None:
+    mdir = tmp_path / "metrics"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16"}
+    for run in range(2):
+        with ranker_serve(mmoe_bundle(), tmp_path / f"serve{run}.log", env=env) as url:
+            assert value(scrape(url), "ranker_requests_total", status="2xx") == 0  # the first run's counts not summed in
+            for _ in range(3):
+                assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).status_code == 200
+            port = int(url.rsplit(":", 1)[1])
+            # the port is taken: refused in one line, before the model loads (either mode)
+            for args in ([], ["--workers", "2"]):
+                p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "127.0.0.1",
+                                    "--port", str(port), *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+                assert p.returncode == 2 and p.stderr.count("\n") == 1, (args, p.stderr)
+                assert p.stderr.startswith(f"ranker: error: serve: cannot listen on 127.0.0.1:{port}"), p.stderr
+        assert not [f for f in mdir.iterdir()]  # our files removed on exit
+    p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "no-such-host.invalid"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("ranker: error: serve: cannot listen on no-such-host.invalid:8000"), p.stderr

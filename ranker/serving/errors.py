@@ -13,6 +13,7 @@ Reason = Literal[
     "non_finite",  # NaN or +-inf in a dense feature
     "empty_items",  # "items" missing or []
     "too_many_items",  # more than settings.max_items
+    "too_many_values",  # a candidate's multi-hot list longer than settings.max_list_values
     "body_too_large",  # more than settings.max_body_bytes
     "unknown_task",  # ?tasks= names a task the model does not have
     "bad_columns",  # column-wise bodies: columns of different lengths

@@ -25,6 +25,7 @@ standard-library JSON parser and a per-event check, so one bad event costs only 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ranker.serving.predictor import LoadedModel
 FEEDBACK_PATH = "/feedback"
 KEEP_VERSIONS = 8  # model versions whose late labels are still accepted (the current one included)
 _REASON_CODE = {r: i + 1 for i, r in enumerate(FEEDBACK_REASONS)}  # 0 = accepted
+MAX_VALUE = 1e15  # the largest regression score or label counted: its square stays far below float overflow
 _SHOWN = 60  # characters of a caller's string quoted back in a message
 
 
@@ -83,6 +85,15 @@ def _number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _float(v: int | float) -> float:
+    """A JSON number as a float; an integer past the float range is infinite (then refused
+    as non-finite), not an OverflowError."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def parse_events(body: bytes, max_events: int) -> _Columns:
     """A /feedback body -> event columns.
 
@@ -93,7 +104,7 @@ def parse_events(body: bytes, max_events: int) -> _Columns:
     try:
         events: list[Any] = _DECODER.decode(body).events
         fast = True
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):  # RecursionError: msgspec skipping a deep unknown key
         try:
             doc = json.loads(body)  # accepts NaN/Infinity and 1e999, so they can be named per event
         except (ValueError, RecursionError) as e:
@@ -121,7 +132,7 @@ def parse_events(body: bytes, max_events: int) -> _Columns:
         v, t, s, y = e.get("model_version"), e.get("task"), e.get("score"), e.get("label")
         tasks[i] = t if isinstance(t, str) else ""
         if isinstance(v, str) and isinstance(t, str) and _number(s) and _number(y):
-            versions[i], scores[i], labels[i] = v, float(s), float(y)  # type: ignore[arg-type]
+            versions[i], scores[i], labels[i] = v, _float(s), _float(y)  # type: ignore[arg-type]
         else:
             bad[i] = True
     return _Columns(versions, tasks, scores, labels, bad)
@@ -234,10 +245,11 @@ class FeedbackRecorder:
                     ("score_out_of_range", (s < 0) | (s > 1), ".score", "{s:g} is outside [0, 1] for binary task " + task),
                     ("bad_label", (y != 0) & (y != 1), ".label", "{y:g} must be 0 or 1 for binary task " + task),
                 ]
-            else:  # the sums are counters, which only grow (and a ratio of sums needs one sign)
+            else:  # the sums are counters, which only grow (and a ratio of sums needs one sign);
+                # past MAX_VALUE a square would overflow them to +Inf for the life of the process
                 checks += [
-                    ("score_out_of_range", s < 0, ".score", "{s:g} is negative; regression task " + task + " takes values >= 0"),
-                    ("bad_label", y < 0, ".label", "{y:g} is negative; regression task " + task + " takes values >= 0"),
+                    ("score_out_of_range", (s < 0) | (s > MAX_VALUE), ".score", "{s:g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
+                    ("bad_label", (y < 0) | (y > MAX_VALUE), ".label", "{y:g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
                 ]
             ok = np.ones(idx.size, dtype=bool)
             for name, failed, field, message in checks:

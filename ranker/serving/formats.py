@@ -147,9 +147,10 @@ def _value_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-def _check_ids(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None) -> pa.ChunkedArray:
+def _check_ids(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None, shown: pa.DataType | None = None) -> pa.ChunkedArray:
     """Integer ids as int64 (values kept exactly), or decimal strings cast exactly to int64.
-    ``at`` names the value at a flat index (a list's element: ``tags[3][1]``)."""
+    ``at`` names the value at a flat index (a list's element: ``tags[3][1]``); ``shown`` is the
+    type an error names (the list's, when ``col`` holds a list column's values)."""
     at = at or (lambda i: f"{name}[{i}]")
     t = _value_type(col.type)
     if pa.types.is_dictionary(col.type):
@@ -168,13 +169,13 @@ def _check_ids(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None 
             return pc.cast(col, pa.int64())
         except CONVERSION_ERRORS:
             raise _bad(name, "a decimal string out of the int64 range", "bad_type") from None
-    raise _bad(name, f"has type {col.type}; feature values here are int64 ids (integers or decimal strings)", "bad_type")
+    raise _bad(name, f"has type {shown or col.type}; feature values here are int64 ids (integers or decimal strings)", "bad_type")
 
 
-def _check_strings(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None) -> pa.ChunkedArray:
+def _check_strings(col: pa.ChunkedArray, name: str, at: Callable[[int], str] | None = None, shown: pa.DataType | None = None) -> pa.ChunkedArray:
     if pa.types.is_string(_value_type(col.type)) or pa.types.is_large_string(_value_type(col.type)):
         return col  # dictionary-encoded strings stay so: the featurizer hashes the dictionary
-    raise _bad(name, f"has type {col.type}; feature values here are strings", "bad_type")
+    raise _bad(name, f"has type {shown or col.type}; feature values here are strings", "bad_type")
 
 
 def _with_values(chunk: pa.Array, values: pa.Array) -> pa.Array:
@@ -215,7 +216,7 @@ def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
             row = int(np.searchsorted(offsets, i, side="right")) - 1
             return f"{name}[{row0 + row}][{i - int(offsets[row])}]"
 
-        out.append(_with_values(ch, check(pa.chunked_array([ch.values]), name, at).combine_chunks()))
+        out.append(_with_values(ch, check(pa.chunked_array([ch.values]), name, at, col.type).combine_chunks()))
         row0 += len(ch)
     return pa.chunked_array(out)
 
@@ -228,8 +229,25 @@ def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
             ``non_finite`` naming the column (``columns.price``, ``columns.price[3]``) at fault,
             ``empty_items``/``too_many_items`` for the row count.
     """
+    buf = pa.py_buffer(body)
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+        # only the columns the bundle reads are decoded (a compressed stream's other columns
+        # are never decompressed), batch by batch up to a bound on their decoded size: a small
+        # compressed body must not unpack into gigabytes
+        schema = pa.ipc.open_stream(buf).schema
+        wanted = {c.source for c in parser.columns}
+        # none wanted (every feature missing): one column still gives the row count, and an
+        # empty list would mean every column to Arrow
+        keep = [i for i, n in enumerate(schema.names) if n in wanted] or [0]
+        reader = pa.ipc.open_stream(buf, options=pa.ipc.IpcReadOptions(included_fields=keep))
+        batches, decoded = [], 0
+        for rb in reader:
+            decoded += rb.nbytes
+            if decoded > parser.max_decoded_bytes:
+                raise RequestError("body_too_large", "body", f"its columns decode to more than {parser.max_decoded_bytes:,} bytes",
+                                   status=413)
+            batches.append(rb)
+        table = pa.Table.from_batches(batches, schema=reader.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, ValueError) as e:
         raise RequestError("bad_arrow", "body", f"not a readable Arrow IPC stream ({e})") from None
     parser.check_count(table.num_rows, "body")
@@ -241,4 +259,4 @@ def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
     for c in parser.columns:
         if c.source in names:
             out[c.source] = _check_column(table.column(c.source), c)
-    return pa.table(out) if out else pa.table({"__rows__": pa.nulls(table.num_rows)})
+    return parser.check_lists(pa.table(out), "columns") if out else pa.table({"__rows__": pa.nulls(table.num_rows)})

@@ -12,6 +12,7 @@ time.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -239,7 +240,8 @@ class FeedbackMetrics:
     def set_validation(self, metrics: Mapping[str, Mapping[str, object]], tasks: Sequence[str]) -> None:
         """The served bundle's validation figures per task (only the finite ones it has)."""
         for gauge, key in ((self.validation_calibration, "calibration"), (self.validation_ne, "ne"), (self.validation_rmse, "rmse")):
-            gauge.clear()
+            if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # a worker serves one bundle for life (prometheus_client cannot clear there)
+                gauge.clear()
             for task in tasks:
                 v = metrics.get(task, {}).get(key)
                 if isinstance(v, int | float) and math.isfinite(v):

@@ -51,11 +51,16 @@ def multiprocess_dir() -> Path | None:
     return Path(path) if path else None
 
 
+# prometheus_client's multiprocess files: <type>_<pid>.db, gauges with their mode in the type
+_CLIENT_DB = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_[0-9]+\.db")
+
+
 def clear_dir(path: Path) -> None:
-    """Remove the metric files of an earlier run (ours only: ``*.db`` and score files)."""
+    """Remove the metric files of an earlier run: prometheus_client's ``<type>_<pid>.db`` and
+    our score files, nothing else a shared directory may hold."""
     path.mkdir(parents=True, exist_ok=True)
     for f in path.iterdir():
-        if f.suffix == ".db" or _SCORES.fullmatch(f.name):
+        if _CLIENT_DB.fullmatch(f.name) or _SCORES.fullmatch(f.name):
             f.unlink(missing_ok=True)
 
 

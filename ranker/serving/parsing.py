@@ -31,6 +31,7 @@ from operator import attrgetter
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from msgspec import UNSET, UnsetType
@@ -178,8 +179,10 @@ class RequestParser:
         [9007199254740993, 7]
     """
 
-    def __init__(self, featurizer: Featurizer, max_items: int) -> None:
+    def __init__(self, featurizer: Featurizer, max_items: int, max_list_values: int = 1_000, max_decoded_bytes: int = 64 * 2**20) -> None:
         self.max_items = max_items
+        self.max_list_values = max_list_values
+        self.max_decoded_bytes = max_decoded_bytes  # an Arrow body's columns, decompressed
         cols: dict[str, Column] = {}
         for f in featurizer.inputs:  # bias-tower features are training-only: not read
             c = Column(f.source, f.type, featurizer.kinds.get(f.name))
@@ -211,15 +214,32 @@ class RequestParser:
         field at fault."""
         try:
             req = self._decoder.decode(body)
+        except RecursionError:  # msgspec skipping an unknown key's deeply nested value
+            raise RequestError("bad_json", "body", "nested too deeply") from None
         except (msgspec.MsgspecError, UnicodeDecodeError):
             return self._slow(body)  # invalid, or valid in a shape msgspec refuses: pydantic says which
         columns = None if req.columns is UNSET else req.columns
         items = None if req.items is UNSET else req.items
         n = self._check_shape(items, columns)
         try:
-            return self._table(items, columns, n, req.context)
+            table = self._table(items, columns, n, req.context)
         except _Fallback:
             return self._slow(body)
+        return self.check_lists(table, "items" if items is not None else "columns")
+
+    def check_lists(self, table: pa.Table, layout: str) -> pa.Table:
+        """Refuse a candidate whose multi-hot list holds more than ``max_list_values`` values
+        (``layout``: "items" or "columns", for the field's name); returns ``table``."""
+        for c in self.columns:
+            if c.type != "multi_hot" or c.source not in table.column_names:
+                continue
+            lengths = pc.list_value_length(table.column(c.source))
+            longest = pc.max(lengths).as_py()
+            if longest is not None and longest > self.max_list_values:
+                i = int(np.flatnonzero(pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False) > self.max_list_values)[0])
+                field = f"items[{i}].{c.source}" if layout == "items" else f"columns.{c.source}[{i}]"
+                raise RequestError("too_many_values", field, f"{longest:,} values; at most {self.max_list_values:,} per candidate")
+        return table
 
     def check_count(self, n: int, field: str = "items") -> None:
         """The candidate count of one request: at least one, at most ``max_items``."""
@@ -297,11 +317,14 @@ class RequestParser:
             req = self._validator.model_validate_json(body)
         except ValidationError as e:
             raise _request_error(e) from None
+        except RecursionError:
+            raise RequestError("bad_json", "body", "nested too deeply") from None
         # Valid, but not in a shape the fast path takes (e.g. one column mixing JSON integers
         # and decimal strings, or a boolean id): the validated values have every id as an int.
         items, columns = req.items, req.columns  # type: ignore[attr-defined]
         n = self._check_shape(items, columns)
         try:
-            return self._table(items, columns, n, req.context)  # type: ignore[attr-defined]
+            table = self._table(items, columns, n, req.context)  # type: ignore[attr-defined]
         except _Fallback:  # cannot happen for validated values; never let it become a 500
             raise RequestError("bad_type", "columns" if columns is not None else "items", "could not be read") from None
+        return self.check_lists(table, "items" if items is not None else "columns")

@@ -304,7 +304,7 @@ def load_model(source: Bundle | str | Path, settings: ServingSettings, warm: boo
         loaded = LoadedModel(
             bundle=bundle,
             device=device,
-            parser=RequestParser(bundle.featurizer, settings.max_items),
+            parser=RequestParser(bundle.featurizer, settings.max_items, settings.max_list_values, 4 * settings.max_body_bytes),
             trackers=_trackers(bundle, settings.drift_window),
             timer=timer,
             staging=staging,

@@ -27,6 +27,9 @@ from ranker.errors import RankerError
 ENV_PREFIX = "RANKER_"
 ADMIN_TOKEN_ENV = "RANKER_ADMIN_TOKEN"
 FEEDBACK_TOKEN_ENV = "RANKER_FEEDBACK_TOKEN"
+# secret settings and the only variables they are read from; never serialised (a dump writes
+# SecretStr as asterisks), so worker processes read them from the environment themselves
+SECRET_ENV = {"admin_token": ADMIN_TOKEN_ENV, "feedback_token": FEEDBACK_TOKEN_ENV}
 
 
 def _default_concurrency() -> int:
@@ -45,6 +48,9 @@ class ServingSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     max_items: int = Field(default=10_000, gt=0)  # candidates per /predict request
     max_body_bytes: int = Field(default=16 * 2**20, gt=0)  # larger bodies get 413 before parsing
+    # values in one candidate's multi-hot list: a bag is padded to the longest list of the
+    # request, so one long list costs candidates x its length in memory
+    max_list_values: int = Field(default=1_000, gt=0)
     # after a 413 the rest of the body is read and dropped (up to this many bytes, for at most
     # drain_seconds) so that clients which send the whole body before reading the answer see the
     # 413 instead of a connection reset; past either bound the connection is closed
@@ -100,15 +106,13 @@ class ServingSettings(BaseModel):
         merged: dict[str, Any] = {}
         origin: dict[str, str] = {}
         for name in cls.model_fields:
-            key = ADMIN_TOKEN_ENV if name == "admin_token" else f"{ENV_PREFIX}{name.upper()}"
+            key = SECRET_ENV.get(name, f"{ENV_PREFIX}{name.upper()}")
             if key in env:
                 merged[name], origin[name] = env[key], key
         for name, v in values.items():
             if v is not None:
-                if name == "admin_token":
-                    raise RankerError(f"admin_token: set it with the {ADMIN_TOKEN_ENV} environment variable")
-                if name == "feedback_token":
-                    raise RankerError(f"feedback_token: set it with the {FEEDBACK_TOKEN_ENV} environment variable")
+                if name in SECRET_ENV:
+                    raise RankerError(f"{name}: set it with the {SECRET_ENV[name]} environment variable")
                 merged[name], origin[name] = v, name
         try:
             return cls.model_validate(merged)

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 
 from ranker.errors import RankerError
 from ranker.serving.multiproc import METRICS_DIR_ENV, clear_dir
-from ranker.serving.settings import ADMIN_TOKEN_ENV, ServingSettings
+from ranker.serving.settings import SECRET_ENV, ServingSettings
 
 SETTINGS_ENV = "RANKER_WORKER_SETTINGS"  # the parent's validated settings, as JSON, for its workers
 
@@ -58,14 +58,23 @@ def freeze_heap() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def configure_logging() -> None:
+    """ranker.serving's INFO lines (model loaded, reloads, workers) in uvicorn's style; a
+    spawned worker inherits no logging set-up, so each process calls this itself."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+
+
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn's factory), from the parent's settings."""
     from ranker.serving.app import create_app
 
+    configure_logging()
+
     raw = os.environ.get(SETTINGS_ENV)
     if raw is None:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: worker_app is started by `ranker serve --workers N`")
-    settings = ServingSettings.model_validate({**json.loads(raw), "admin_token": os.environ.get(ADMIN_TOKEN_ENV)})
+    secrets = {name: os.environ.get(var) for name, var in SECRET_ENV.items()}  # not in the JSON (see serve)
+    settings = ServingSettings.model_validate({**json.loads(raw), **secrets})
     tune_process(settings)
     app = create_app(settings)
     freeze_heap()
@@ -84,17 +93,19 @@ def listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.sock
     own accept queue; the kernel spreads new connections over the listening ones by a hash of
     their addresses.
     """
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = info[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
+    sock = None
+    try:  # a host that does not resolve (socket.gaierror) is an OSError too
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = info[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise RankerError(f"serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port past 65535
+        if sock is not None:
+            sock.close()
+        raise RankerError(f"serve: cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     return sock
 
 
@@ -155,11 +166,21 @@ class Supervisor:
             proc.kill()
             proc.join()
 
+    def _await_start(self, proc: Any, started: Any, timeout: float = 300) -> bool:
+        """Wait for a new worker to be warm, in short steps: give up as soon as it dies or a
+        stop is asked for (SIGTERM must not wait out a bundle that fails to load)."""
+        deadline = time.monotonic() + timeout
+        while not started.wait(0.2):
+            if not proc.is_alive() or self._stop.is_set() or time.monotonic() > deadline:
+                return False
+        return proc.is_alive()
+
     def _rolling_restart(self) -> None:
         for i, (old, _) in enumerate(list(self._procs)):
             new, started = self._start()
-            if not started.wait(300) or not new.is_alive():
-                self._log.error("new worker [%s] did not start; keeping worker [%s], restart aborted", new.pid, old.pid)
+            if not self._await_start(new, started):
+                why = "a stop was asked for" if self._stop.is_set() else f"exit code {new.exitcode}" if not new.is_alive() else "timed out"
+                self._log.error("new worker [%s] did not start (%s); keeping worker [%s], restart aborted", new.pid, why, old.pid)
                 self._stop_one(new)
                 return
             self._stop_one(old)
@@ -202,21 +223,30 @@ def serve(settings: ServingSettings, log_level: str = "info", access_log: bool =
 
     from ranker.serving.app import create_app
 
+    given = os.environ.get(METRICS_DIR_ENV)
     if settings.workers == 1:
-        tune_process(settings)
-        app = create_app(settings)  # a bundle that cannot be served fails here, before binding the port
-        freeze_heap()
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=access_log)
+        if given:  # one process still writes its metrics there (multiprocess mode): start from zero
+            clear_dir(Path(given))
+        try:
+            # bound first: a port in use or a bad host is one line, before the model loads
+            sock = listen_socket(settings.host, settings.port)
+            tune_process(settings)
+            app = create_app(settings)  # a bundle that cannot be served fails here, before the port listens
+            freeze_heap()
+            config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=access_log)
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            if given:
+                clear_dir(Path(given))
         return
 
     from ranker.serving.predictor import load_model
 
     load_model(settings.bundle, settings, warm=False)  # refuse a bad bundle before any worker starts
-    given = os.environ.get(METRICS_DIR_ENV)
     path = Path(given) if given else Path(tempfile.mkdtemp(prefix="ranker-metrics-"))
     clear_dir(path)  # counters from an earlier run must not be summed into this one
     os.environ[METRICS_DIR_ENV] = str(path)  # before any worker imports prometheus_client
-    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude={"admin_token"})
+    os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude=set(SECRET_ENV))  # a dump would write them as "**********"
     try:
         Supervisor(settings.host, settings.port, settings.workers, log_level, access_log).run()
     finally:
