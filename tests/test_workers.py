@@ -212,6 +212,10 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
             client.join()
         m = scrape(url)
         live = live_gauge_pids(mdir)  # after a scrape: the replaced workers' live gauges dropped
+        # labels of the replaced model's predictions still arrive after the roll: both versions count
+        events = {"events": [{"model_version": v, "task": "ctr", "score": 0.3, "label": 1} for v in (old.version, new.version)]}
+        for _ in range(4):  # new connections: both new workers, in all likelihood
+            assert httpx.post(f"{url}/feedback", json=events).json() == {"accepted": 2, "rejected": {}}
         # a roll onto something that is not a bundle gives up as soon as the new worker dies
         # (not after the start-up timeout), keeping the workers that serve
         current.unlink()
@@ -237,7 +241,7 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
 def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
     from ranker.serving.multiproc import clear_dir
 
-    ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin"]
+    ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin", "versions-12.json"]
     theirs = ["app.db", "keep.txt", "counter.db", "notes_12.db"]
     for name in ours + theirs:
         (tmp_path / name).write_bytes(b"x")

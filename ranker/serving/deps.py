@@ -26,7 +26,12 @@ from ranker.serving.errors import RequestError, ServingError
 from ranker.serving.feedback import FeedbackRecorder
 from ranker.serving.formats import WireFormat, negotiate
 from ranker.serving.metrics import FeedbackMetrics, ScoreCollector, ServingMetrics
-from ranker.serving.multiproc import SharedScores, multiprocess_dir
+from ranker.serving.multiproc import (
+    SharedScores,
+    earlier_versions,
+    multiprocess_dir,
+    publish_versions,
+)
 from ranker.serving.parsing import field_name
 from ranker.serving.predictor import LoadedModel, Prediction, load_model
 from ranker.serving.schemas import ReloadRequest
@@ -43,8 +48,13 @@ class ServingState:
         self.metrics = ServingMetrics(registry, lambda: self.current)
         self.metrics.model_loaded(loaded, None)
         self.feedback = FeedbackRecorder(FeedbackMetrics(registry), settings.max_items)
-        self.feedback.model_loaded(loaded)
         path = multiprocess_dir()  # set when this process is one of several workers
+        if path is not None:  # versions earlier workers served (before a SIGHUP roll): their labels still arrive
+            for version, tasks in earlier_versions(path):
+                self.feedback.add_version(version, tasks)
+        self.feedback.model_loaded(loaded)
+        if path is not None:
+            publish_versions(path, self.feedback.table())
         self.shared = SharedScores(path) if path is not None else None
         self.ready = False
         # anyio primitives bind to the running event loop, so they are made on first use

@@ -196,6 +196,10 @@ class FeedbackRecorder:
     def versions(self) -> list[str]:
         return list(self._versions)
 
+    def table(self) -> dict[str, dict[str, TaskRef]]:
+        """The accepted versions, oldest first, with their tasks' references."""
+        return dict(self._versions)
+
     def record(self, body: bytes) -> dict[str, Any]:
         """Check and count one request's events; returns the answer
         ``{"accepted": n, "rejected": {reason: count}, "detail": {reason: message}}``."""

@@ -27,9 +27,10 @@ The known traps of multiprocess mode, and what is done about them:
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from ranker.reference import psi
 from ranker.serving.drift import TrackerSnapshot
+from ranker.serving.feedback import TaskRef
 from ranker.serving.predictor import LoadedModel
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -52,6 +54,7 @@ def multiprocess_dir() -> Path | None:
 
 
 # prometheus_client's multiprocess files: <type>_<pid>.db, gauges with their mode in the type
+_VERSIONS = re.compile(r"versions-(?P<pid>[0-9]+)\.json")
 _CLIENT_DB = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_[0-9]+\.db")
 
 
@@ -60,8 +63,33 @@ def clear_dir(path: Path) -> None:
     our score files, nothing else a shared directory may hold."""
     path.mkdir(parents=True, exist_ok=True)
     for f in path.iterdir():
-        if _CLIENT_DB.fullmatch(f.name) or _SCORES.fullmatch(f.name):
+        if _CLIENT_DB.fullmatch(f.name) or _SCORES.fullmatch(f.name) or _VERSIONS.fullmatch(f.name):
             f.unlink(missing_ok=True)
+
+
+def publish_versions(path: Path, versions: Mapping[str, Mapping[str, TaskRef]]) -> None:
+    """Write this worker's feedback version table (version -> task -> type and reference
+    edges) where the workers that replace it read it (``earlier_versions``)."""
+    doc = {v: {t: [ref.type, ref.edges.tolist()] for t, ref in tasks.items()} for v, tasks in versions.items()}
+    tmp = path / f".versions-{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path / f"versions-{os.getpid()}.json")  # a reader sees the whole file or none
+
+
+def earlier_versions(path: Path) -> list[tuple[str, dict[str, TaskRef]]]:
+    """The model versions other workers of this server accepted feedback for, oldest file
+    first: a SIGHUP roll onto a new bundle must not make the labels still arriving for the
+    version it replaced ``unknown_model_version``, as ``/admin/reload`` does not with one
+    process (the recorder keeps the last ``KEEP_VERSIONS`` of them)."""
+    files = [f for f in path.iterdir() if (m := _VERSIONS.fullmatch(f.name)) and int(m["pid"]) != os.getpid()]
+    out = []
+    for f in sorted(files, key=lambda f: f.stat().st_mtime):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):  # removed meanwhile
+            continue
+        out += [(v, {t: TaskRef(ty, np.asarray(e, dtype=np.float64)) for t, (ty, e) in tasks.items()}) for v, tasks in doc.items()]
+    return out
 
 
 def _alive(pid: int) -> bool:
