@@ -270,6 +270,10 @@ def test_unknown_task_lists_valid_ones(bundle_path: Path) -> None:
         assert r.json()["field"] == "tasks" and "'revenue'" in r.json()["detail"]
         assert "valid: ctr, cvr, watch" in r.json()["detail"]
         assert s.value("ranker_invalid_requests_total", reason="unknown_task") == 1
+        # a repeated parameter asks for every task it names (not only the last one)
+        r = s.client.post("/predict?tasks=ctr&tasks=watch", json=_items(1))
+        assert r.status_code == 200 and set(r.json()["scores"]) == {"ctr", "watch"}, r.text
+        assert s.client.post("/predict?tasks=ctr&tasks=revenue", json=_items(1)).status_code == 422
 
 
 def test_body_over_limit_is_413(bundle_path: Path) -> None:

@@ -169,8 +169,11 @@ async def body_bytes(request: Request, state: State) -> bytes:
     return b"".join(chunks)
 
 
-async def requested_tasks(loaded: Pinned, tasks: Annotated[str | None, Query(description="comma-separated task names; default all")] = None) -> list[str]:
-    return loaded.resolve_tasks(tasks)
+async def requested_tasks(request: Request, loaded: Pinned,
+                          tasks: Annotated[str | None, Query(description="comma-separated task names; default all")] = None) -> list[str]:
+    # a repeated parameter (?tasks=ctr&tasks=cvr) means all of them: FastAPI would keep the last
+    repeated = request.query_params.getlist("tasks")
+    return loaded.resolve_tasks(",".join(repeated) if len(repeated) > 1 else tasks)
 
 
 async def wire_format(content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
