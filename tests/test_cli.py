@@ -186,9 +186,15 @@ def test_an_undefined_val_monitor_is_an_error_naming_the_split(tiny_logs: Path, 
     pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())), val)
     code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
     assert code == 2 and "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]  # after the run's own log lines: the error comes at the first validation
+    line = err.strip().splitlines()[-1]  # after the fit pass's log line, before any epoch
     assert line.startswith("ranker: error: data.val: train.monitor 'ctr.auc' is undefined on the val split: task(s) 'ctr' have"), line
-    assert not (tmp_path / "b").exists()
+    assert "epoch 1" not in err and not (tmp_path / "b").exists()
+    # a bad label value in val (or test) is found before training too, naming the file
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array([2] + [0] * (t.num_rows - 1), pa.int64()))
+    pq.write_table(t, val)
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 2 and "epoch 1" not in err, err
+    assert err.strip().splitlines()[-1] == f"ranker: error: {val}: column 'click' has value 2; binary task 'ctr' needs 0 or 1", err
 
 
 def test_out_that_is_not_a_bundle_is_refused_before_training(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -269,6 +269,48 @@ class Trainer:
                          f"in its {n:,} labelled rows; it can learn nothing to rank by")
         return featurizer, {k: (m.mean, m.std) for k, m in target.items()}
 
+    def check_held_out_labels(self, sources: list[TaskSource]) -> None:
+        """Read the val and test splits' label columns once before training (each rank its
+        share, as in the fit pass): a bad label value there, or a val split on which the
+        early-stopping monitor is undefined, stops the run now instead of after an epoch.
+
+        Raises:
+            RankerError: the file and column of a bad label, or the val split and tasks."""
+        ranks = self.ranks
+        failed: list[Exception] = []
+        seen = {t.name: [0, 0] for src in sources for t in src.tasks if t.label is not None}  # val: [labelled, positives]
+        try:
+            for src in sources:
+                cols = label_columns(src.tasks)
+                for split in (s for s in (src.val, src.test) if s is not None):
+                    for f, rb in split.batches(cols, units=plan_units(split.units, ranks.world)[ranks.rank]):
+                        labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
+                        if split is not src.val:
+                            continue
+                        for t in src.tasks:
+                            if t.name in seen:
+                                y = labels[f"label:{t.name}"].numpy()
+                                seen[t.name][0] += int(np.isfinite(y).sum())
+                                seen[t.name][1] += int((y == 1).sum())
+        except RankerError as e:
+            failed.append(e)
+        parts = ranks.gather_objects((failed[:1], seen))
+        errors = failed[:1] or [e for err, _ in parts for e in err]
+        if errors:
+            raise errors[0]
+        total = {name: [sum(p[1][name][k] for p in parts) for k in (0, 1)] for name in seen}
+        types = self.task_types
+
+        def undefined(name: str) -> bool:  # its primary metric on val: AUC needs both classes, R^2 two rows
+            n, pos = total[name]
+            return n == 0 or (pos in (0, n) if types[name] == "binary" else n < 2)
+
+        monitor = self.cfg.train.monitor
+        task = monitor.partition(".")[0]
+        watched = list(total) if monitor == "mean" else [task] if task in total else []
+        if watched and all(undefined(t) for t in watched):
+            raise RankerError(self._undefined_monitor(sources, {t: {} for t in watched}))
+
     def evaluate_sources(self, model: MultiTaskRanker, parts: list[tuple[Loader, list[TaskSpec], list[Unit]]]) -> EvalResult:
         """Each source's tasks on that source's split (a task is measured on its own data only);
         one result in config task order."""
@@ -346,6 +388,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         sources = task_sources(cfg)
         featurizer, target_stats = self.fit_featurizer(sources)
+        self.check_held_out_labels(sources)
 
         model = MultiTaskRanker(cfg.features, cfg.tasks, cfg.model)
         for name, (mean, std) in target_stats.items():
