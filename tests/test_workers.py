@@ -225,6 +225,14 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
         wait_for(lambda: "restart aborted" in (tmp_path / "serve.log").read_text(), timeout=120)
         aborted_after = time.monotonic() - t0
         assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).headers["X-Model-Version"] == new.version
+        # a worker that dies while the path names no bundle: its replacements die at start-up,
+        # and the supervisor backs off (1 s, 2 s, ...) instead of restarting every 0.5 s
+        os.kill(sorted(live_gauge_pids(mdir))[0], signal.SIGKILL)
+        wait_for(lambda: "starting another in 2 s" in (tmp_path / "serve.log").read_text(), timeout=90)
+        assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).status_code == 200  # the other worker serves
+        current.unlink()
+        current.symlink_to(shared_bottom_bundle())  # fixed: the next replacement starts and stays
+        wait_all_ready(url, mdir, 2)
     log = (tmp_path / "serve.log").read_text()
     assert "did not start (exit code" in log and aborted_after < 100, (aborted_after, log[-2000:])
     assert "warm and ready" in log  # the workers' own ranker.serving lines reach the log

@@ -30,6 +30,7 @@ from ranker.errors import RankerError
 from ranker.serving.multiproc import METRICS_DIR_ENV, clear_dir
 from ranker.serving.settings import SECRET_ENV, ServingSettings
 
+QUICK_DEATH_S = 30.0  # a worker dead sooner than this after its start failed to start: back off
 SETTINGS_ENV = "RANKER_WORKER_SETTINGS"  # the parent's validated settings, as JSON, for its workers
 
 
@@ -148,6 +149,9 @@ class Supervisor:
         self._args = (host, self.port, log_level, access_log)
         self._n = workers
         self._procs: list[Any] = []
+        self._born: list[float] = []  # when each slot's worker was started
+        self._quick_deaths: list[int] = []  # each slot's deaths in a row within QUICK_DEATH_S of their start
+        self._due: dict[int, float] = {}  # slot -> when its next worker starts (backing off after quick deaths)
         self._stop = threading.Event()
         self._roll = threading.Event()
         self._log = logging.getLogger("ranker.serving")
@@ -165,6 +169,17 @@ class Supervisor:
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+    def _restart_delay(self, slot: int, now: float) -> float:
+        """Seconds to wait before replacing a dead worker: none after a worker that lived (an
+        OOM kill, a crash), else doubling from 1 s to 30 s while its replacements keep dying
+        within QUICK_DEATH_S of their start (a bundle that no longer loads must not become a
+        loop of torch imports on every core)."""
+        if now - self._born[slot] >= QUICK_DEATH_S:
+            self._quick_deaths[slot] = 0
+            return 0.0
+        self._quick_deaths[slot] += 1
+        return float(min(2 ** (self._quick_deaths[slot] - 1), 30))
 
     def _await_start(self, proc: Any, started: Any, timeout: float = 300) -> bool:
         """Wait for a new worker to be warm, in short steps: give up as soon as it dies or a
@@ -185,6 +200,8 @@ class Supervisor:
                 return
             self._stop_one(old)
             self._procs[i] = (new, started)
+            self._born[i] = time.monotonic()
+            self._due.pop(i, None)  # a slot waiting out a back-off has its worker now
             self._log.info("worker [%s] replaced by [%s]", old.pid, new.pid)
 
     def run(self) -> None:
@@ -192,16 +209,32 @@ class Supervisor:
         handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self._roll.set())
         try:
             self._procs = [self._start() for _ in range(self._n)]
+            self._born = [time.monotonic()] * self._n
+            self._quick_deaths = [0] * self._n
+            due = self._due
             self._log.info("listening on http://%s:%d with %d worker processes %s", self._args[0], self.port, self._n, [p.pid for p, _ in self._procs])
             while not self._stop.wait(0.5):
                 if self._roll.is_set():
                     self._roll.clear()
                     self._rolling_restart()
+                now = time.monotonic()
                 for i, (proc, _) in enumerate(self._procs):
-                    if not proc.is_alive() and not self._stop.is_set():
-                        self._log.warning("worker [%s] died (exit code %s); starting another", proc.pid, proc.exitcode)
+                    if self._stop.is_set():
+                        break
+                    if i in due:
+                        if now >= due[i]:
+                            del due[i]
+                            self._procs[i], self._born[i] = self._start(), now
+                        continue
+                    if not proc.is_alive():
                         proc.join()
-                        self._procs[i] = self._start()
+                        delay = self._restart_delay(i, now)
+                        self._log.warning("worker [%s] died (exit code %s) after %.0f s; starting another%s", proc.pid, proc.exitcode,
+                                          now - self._born[i], f" in {delay:.0f} s" if delay else "")
+                        if delay:
+                            due[i] = now + delay
+                        else:
+                            self._procs[i], self._born[i] = self._start(), now
         finally:
             for proc, _ in self._procs:
                 if proc.is_alive():
