@@ -78,16 +78,28 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
     b = load_bundle(a.bundle)
     featurizer = b.featurizer.without_bias()  # scores are bias-free: position columns not needed
-    cols = featurizer.columns + label_columns(b.config.tasks)
-    src = ParquetSource(a.data, "--data", cols)
+    src = ParquetSource(a.data, "--data", featurizer.columns)
     src.check_files(featurizer)
-    feedback = FeedbackFigures(b.config.tasks, b.reference)  # the figures the production feedback rules compute
-    res = evaluate(b.model, Loader(src, featurizer, b.config.tasks, EVAL_BATCH), b.config.tasks, observe=feedback.add)
+    # the tasks whose label (and mask) columns every file has; the others are skipped, named
+    present = set.intersection(*(set(schema.names) for schema in src.schemas))
+    skipped: dict[str, str] = {}
+    for t in b.config.tasks:
+        lacking = [c for c in label_columns([t]) if c not in present] if t.label else [f for f in t.product if f in skipped]
+        if lacking:
+            skipped[t.name] = f"no column {lacking[0]!r}" if t.label else f"its factor {lacking[0]!r} is skipped"
+    tasks = [t for t in b.config.tasks if t.name not in skipped]
+    if not tasks:
+        raise RankerError(f"--data: {a.data} holds none of the bundle's label columns ({', '.join(label_columns(b.config.tasks))})")
+    feedback = FeedbackFigures(tasks, b.reference)  # the figures the production feedback rules compute
+    res = evaluate(b.model, Loader(src, featurizer, tasks, EVAL_BATCH), tasks, observe=feedback.add)
     mon = feedback.figures()
     if a.json:
-        _print_json({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon})
+        _print_json({"bundle": str(b.path), "version": b.version, "data": a.data, "metrics": res.metrics, "monitoring": mon,
+                     "skipped": skipped})
     else:
         print(f"{a.data} on bundle {b.version}:")
+        for name, why in skipped.items():
+            print(f"  {name:<12} skipped: {why}")
         print("\n".join(format_metrics(res.metrics)))
         print("as the feedback rules compute them (calibration = sum score / sum label, NE, AUC on the reference bins):")
         print("\n".join(format_metrics(mon)))

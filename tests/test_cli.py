@@ -144,10 +144,24 @@ def test_missing_config_and_bundle(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_evaluate_on_data_without_labels(tiny_bundle: Path, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    t = pq.read_table(tiny_logs.parent / "val").drop_columns(["conversion"])
-    pq.write_table(t, tmp_path / "nolabel.parquet")
+    """A file lacking some label columns is scored on the tasks it can be (the same figures
+    as on the whole file), the others named as skipped; one without any is an error."""
+    full = pq.read_table(tiny_logs.parent / "val")
+    pq.write_table(full, tmp_path / "all.parquet")
+    pq.write_table(full.drop_columns(["conversion"]), tmp_path / "no_conversion.parquet")
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "all.parquet"), "--json"], capsys)
+    want = json.loads(out)["metrics"]
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "no_conversion.parquet"), "--json"], capsys)
+    assert code == 0
+    got = json.loads(out)
+    assert got["skipped"] == {"cvr": "no column 'conversion'"} and set(got["metrics"]) == {"ctr", "watch"}
+    for task in ("ctr", "watch"):
+        assert got["metrics"][task] == pytest.approx(want[task], rel=1e-9)
+    code, out, _ = run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "no_conversion.parquet")], capsys)
+    assert code == 0 and "cvr          skipped: no column 'conversion'" in out
+    pq.write_table(full.drop_columns(["conversion", "click", "watch_seconds"]), tmp_path / "nolabel.parquet")
     line = _err(*run(["evaluate", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "nolabel.parquet")], capsys)[::2])
-    assert "nolabel.parquet: missing column 'conversion'" in line
+    assert "nolabel.parquet holds none of the bundle's label columns (click, conversion, watch_seconds)" in line
 
 
 def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
