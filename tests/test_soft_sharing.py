@@ -191,7 +191,7 @@ def test_served_cross_stitch_film_bundle_matches_offline_scores(tmp_path: Path) 
     np.testing.assert_allclose(np.asarray(sub.json()["scores"]["cvr"]), want["cvr"], rtol=1e-5, atol=1e-5)
 
 
-def test_compare_runs_a_cross_stitch_film_config(tmp_path: Path) -> None:
+def test_compare_runs_a_cross_stitch_film_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     import yaml
@@ -205,6 +205,7 @@ def test_compare_runs_a_cross_stitch_film_config(tmp_path: Path) -> None:
     raw["train"].update({"epochs": 1, "batch_size": 200, "threads": 1, "diagnostics_batches": 1})
     path.write_text(yaml.safe_dump(raw))
     assert main(["compare", "--config", str(path), "--out", str(tmp_path / "rep"), "--seeds", "1", "--quiet", "--affinity"]) == 0
+    assert "warning: one seed: no spread to judge by" in capsys.readouterr().err
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["architecture"] == "cross_stitch" and rep["multi"][0]["architecture"] == "cross_stitch"
     assert set(rep["recommendations"]) == {"ctr", "cvr", "watch"} and rep["affinity"]["steps"] == 1
