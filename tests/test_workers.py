@@ -242,6 +242,9 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
     assert value(m, "ranker_model_info", version=new.version, architecture="shared_bottom") == 1
     assert ("ranker_model_info", (("architecture", "mmoe"), ("version", old.version))) not in m  # the old workers' live gauge gone
     assert value(m, "ranker_ready") == 1
+    for task, figures in new.metrics["val"].items():  # the new bundle's validation figures, from live workers only
+        if "ne" in figures:
+            np.testing.assert_allclose(value(m, "ranker_task_validation_ne", task=task), figures["ne"], rtol=1e-9)
     assert value(m, "ranker_requests_total", status="2xx") == len(versions)  # counts kept across the roll
     assert not failures, failures[:5]
 

@@ -191,17 +191,19 @@ class FeedbackMetrics:
             "ranker_feedback_negatives_below", "Accepted negative events of binary tasks whose score fell in a reference bin below `bin` (for AUC).",
             [*tv, "bin"], registry=r,
         )  # fmt: skip
+        # set at model load by every live worker: "live" so a dead worker's value (for a task a
+        # rolled bundle dropped) does not linger after a SIGHUP roll
         self.validation_calibration = Gauge(
             "ranker_task_validation_calibration", "Calibration of the served bundle on its validation split (metrics.json).", ["task"],
-            registry=r, multiprocess_mode="mostrecent",
+            registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.validation_ne = Gauge(
             "ranker_task_validation_ne", "Normalized entropy of the served bundle on its validation split (metrics.json).", ["task"],
-            registry=r, multiprocess_mode="mostrecent",
+            registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         self.validation_rmse = Gauge(
             "ranker_task_validation_rmse", "RMSE of the served bundle on its validation split (metrics.json), label units.", ["task"],
-            registry=r, multiprocess_mode="mostrecent",
+            registry=r, multiprocess_mode="livemostrecent",
         )  # fmt: skip
         for reason in FEEDBACK_REQUEST_REASONS:
             self.invalid.labels(reason)
