@@ -279,3 +279,31 @@ def test_one_worker_with_a_metrics_dir_starts_from_zero_and_bind_errors_are_one_
     p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "no-such-host.invalid"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("ranker: error: serve: cannot listen on no-such-host.invalid:8000"), p.stderr
+
+
+def test_sighup_reloads_a_one_process_server_onto_the_bundle_the_path_names(tmp_path: Path) -> None:
+    """One process takes SIGHUP as several do: it serves what the bundle path names now, and
+    a path that names no bundle is logged while the current model keeps serving."""
+    old, new = load_bundle(mmoe_bundle()), load_bundle(shared_bottom_bundle())
+    current = tmp_path / "current"
+    current.symlink_to(mmoe_bundle())
+    log = tmp_path / "serve.log"
+
+    def served() -> str:
+        return httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).headers["X-Model-Version"]
+
+    mdir = tmp_path / "metrics"  # a one-process server writes its live gauges there too: their file names its pid
+    with ranker_serve(current, log, env={"RANKER_WARMUP_ROWS": "16", "PROMETHEUS_MULTIPROC_DIR": str(mdir)}) as url:
+        (pid,) = live_gauge_pids(mdir)
+        assert served() == old.version
+        current.unlink()
+        current.symlink_to(shared_bottom_bundle())
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: served() == new.version)
+        current.unlink()
+        current.symlink_to(tmp_path)  # not a bundle
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: bundle: refused, still serving" in log.read_text())
+        assert served() == new.version
+    text = log.read_text()
+    assert f"SIGHUP: reloaded {current}: version {old.version} -> {new.version}" in text

@@ -11,6 +11,7 @@ cores as there are workers. Metrics are summed across workers (``multiproc``).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -246,6 +247,34 @@ class Supervisor:
                 signal.signal(sig, h)
 
 
+async def _serve_reloading(server: Any, sock: socket.socket, app: FastAPI) -> None:
+    """One process's uvicorn, with SIGHUP reloading the bundle path (what it names now), as
+    SIGHUP rolls the workers of a multi-process server: one way to swap bundles either way.
+    A bundle that cannot be served is logged and the current model keeps serving."""
+    from ranker.serving.errors import ServingError
+
+    state = app.state.serving
+    log = logging.getLogger("ranker.serving")
+
+    async def reload() -> None:
+        try:
+            old, new = await state.reload(str(state.settings.bundle))
+        except ServingError as e:
+            log.error("SIGHUP: %s", e)
+            return
+        log.info("SIGHUP: reloaded %s: version %s -> %s", state.settings.bundle, old.version, new.version)
+
+    pending: set[asyncio.Task[None]] = set()  # kept referenced until done
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+    await server.serve(sockets=[sock])
+
+
 def serve(settings: ServingSettings, log_level: str = "info", access_log: bool = False) -> None:
     """Serve until interrupted: in this process, or in ``settings.workers`` worker processes.
 
@@ -267,7 +296,7 @@ def serve(settings: ServingSettings, log_level: str = "info", access_log: bool =
             app = create_app(settings)  # a bundle that cannot be served fails here, before the port listens
             freeze_heap()
             config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=access_log)
-            uvicorn.Server(config).run(sockets=[sock])
+            asyncio.run(_serve_reloading(uvicorn.Server(config), sock, app))
         finally:
             if given:
                 clear_dir(Path(given))
