@@ -107,7 +107,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 
 def _cmd_compare(a: argparse.Namespace) -> None:
     from ranker.config import load_config
-    from ranker.training.compare import MIN_EFFECT_PCT, AffinitySettings, compare
+    from ranker.training.compare import AffinitySettings, compare
 
     weightings = [w.strip() for w in a.weightings.split(",") if w.strip()] if a.weightings else None
     affinity = AffinitySettings(every=a.affinity_every, lr=a.affinity_lr) if a.affinity else None
@@ -123,8 +123,8 @@ def _cmd_compare(a: argparse.Namespace) -> None:
             f"{i}->{j} {z[i][j]:+.2e}" for i in z for j in z[i] if i != j))
     print("recommendation: " + ", ".join(f"{t} {r['action']}" for t, r in rep["recommendations"].items()))
     if len(rep["seeds"]) == 1:
-        print(f"warning: one seed: no spread to judge by, so a verdict is a change past the {MIN_EFFECT_PCT}% floor alone; "
-              "use --seeds 3 or more before acting on it", file=sys.stderr)
+        print("warning: one seed: no spread to judge by, so every verdict is undetermined; "
+              "use --seeds 3 or more", file=sys.stderr)
     print(f"report: {Path(a.out).resolve() / 'report.md'}")
 
 

@@ -51,6 +51,7 @@ CONTRACT_COUNTERS = (
     "ranker_task_score_bin_total",
     "ranker_feature_missing_total",
     "ranker_invalid_requests_total",
+    "ranker_requests_shed_total",
     # POST /feedback: delayed labels of served scores (ranker/serving/feedback.py)
     "ranker_feedback_events_total",
     "ranker_feedback_invalid_requests_total",

@@ -17,17 +17,45 @@ from ranker.cli import main
 from ranker.config import load_config
 from ranker.training.compare import (
     MIN_EFFECT_PCT,
+    build_report,
     delta_m,
+    plan,
+    recommend,
     relative_change,
+    render_markdown,
     single_task_config,
     summary,
     t_critical,
+    weighting_variants,
 )
 from ranker.training.diagnostics import EpochProbe
 from tests.datagen import write_logs
 
 SEEDS = 2
 VARIANTS = ["static", "pcgrad"]
+
+
+def _t975(df: int) -> float:
+    """Student-t 97.5% quantile by integrating the density (Simpson) and bisecting: an
+    implementation independent of the module's table."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf_from_0(q: float) -> float:
+        x = np.linspace(0.0, q, 20_001)
+        f = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+        h = x[1] - x[0]
+        return float(h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf_from_0(mid) < 0.475 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _welch(s_std: float, n_s: int, m_std: float, n_m: int) -> float:
+    a, b = s_std**2 / n_s, m_std**2 / n_m
+    return (a + b) ** 2 / (a**2 / (n_s - 1) + b**2 / (n_m - 1))
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +87,8 @@ def test_report_numbers_agree_with_each_other(report_dir: Path) -> None:
     rep = json.loads((report_dir / "report.json").read_text())
     tasks = rep["tasks"]
     assert tasks == ["ctr", "cvr", "watch"] and rep["split"] == "test" and rep["seeds"] == [0, 1]
+    assert rep["selected_on"] == "val" and rep["selection_is_report_split"] is False
+    assert rep["comparisons"] == len(VARIANTS) * len(tasks)
     assert [r["variant"] for r in rep["multi"]] == VARIANTS
     for t in tasks:
         s = rep["single"][t]
@@ -75,10 +105,18 @@ def test_report_numbers_agree_with_each_other(report_dir: Path) -> None:
                 assert rep["metric"][t]["name"] == "rmse" and not higher and all(v > 0 for v in m["values"])
             expected = (1 if higher else -1) * (m["mean"] - s["mean"]) / abs(s["mean"]) * 100
             assert m["change_pct"] == pytest.approx(expected)
-            bar = max(MIN_EFFECT_PCT, t_critical(2 * SEEDS - 2) * m["se_pct"])
+            if m["std"] ** 2 + s["std"] ** 2 > 0:  # Welch-Satterthwaite df, t at its floor
+                nu = _welch(s["std"], SEEDS, m["std"], SEEDS)
+                assert m["df"] == pytest.approx(nu) and SEEDS - 1 - 1e-9 <= nu <= 2 * SEEDS - 2 + 1e-9
+                assert m["t"] == pytest.approx(t_critical(math.floor(nu + 1e-9)))
+                bar = max(MIN_EFFECT_PCT, m["t"] * m["se_pct"])
+            else:
+                bar = MIN_EFFECT_PCT
+            assert m["threshold_pct"] == pytest.approx(bar)
             assert m["verdict"] == ("gain" if expected > bar else "negative transfer" if expected < -bar else "neutral")
             changes.append(m["change_pct"])
         assert r["delta_m_pct"] == pytest.approx(np.mean(changes))  # Delta_m from the listed numbers
+        assert set(r["val_change_pct"]) == set(tasks) and r["delta_m_val_pct"] == pytest.approx(np.mean(list(r["val_change_pct"].values())))
         assert r["worst_task"] == tasks[int(np.argmin(changes))]
         assert r["worst_change_pct"] == pytest.approx(min(changes))
         assert r["rows_per_second"] > 0
@@ -88,11 +126,12 @@ def test_report_numbers_agree_with_each_other(report_dir: Path) -> None:
         for g in r["gates_last"].values():
             assert sum(g["share"]) == pytest.approx(1.0, abs=1e-4) and 0 <= g["entropy"] <= g["max_entropy"] + 1e-6
         assert all(len(c) >= 1 for c in r["curves"].values())
-    best = max(rep["multi"], key=lambda r: r["delta_m_pct"])
+    best = max(rep["multi"], key=lambda r: r["delta_m_val_pct"])  # chosen on val, not on the reported test
     assert rep["best"] == best["variant"] and best["best"] and sum(r["best"] for r in rep["multi"]) == 1
 
     md = (report_dir / "report.md").read_text()
-    assert f"★ best by Δm: **{rep['best']}**" in md
+    assert f"★ best by Δm: **{rep['best']}** (selected on val, every number reported on test)" in md
+    assert "selected by Δm on **val**" in md and f"= {rep['comparisons']} verdicts" in md
     for r in rep["multi"]:
         assert f"{r['delta_m_pct']:+.2f}%" in md
     assert "## Verdict rule" in md and "negative transfer if" in md
@@ -105,8 +144,10 @@ def test_report_numbers_agree_with_each_other(report_dir: Path) -> None:
         ([0.70, 0.71, 0.70], [0.65, 0.66, 0.65], True, "negative transfer"),
         ([0.70, 0.75, 0.65], [0.71, 0.76, 0.66], True, "neutral"),  # +1.4%, but within 2 SE
         ([10.0, 10.1, 9.9], [9.0, 9.1, 8.9], False, "gain"),  # RMSE falls: a gain
-        ([0.7000], [0.7004], True, "neutral"),  # one seed: below the floor
-        ([0.70], [0.71], True, "gain"),  # one seed: above the floor
+        ([0.7000], [0.7004], True, "undetermined"),  # one seed: no spread, whatever the change
+        ([0.70], [0.71], True, "undetermined"),
+        ([0.70, 0.70], [0.71, 0.71], True, "gain"),  # no spread at all (a + b = 0): the floor alone
+        ([0.70, 0.70], [0.7004, 0.7004], True, "neutral"),
     ],
 )
 def test_verdict_rule(single: list[float], multi: list[float], higher: bool, verdict: str) -> None:
@@ -117,8 +158,108 @@ def test_verdict_rule(single: list[float], multi: list[float], higher: bool, ver
 
 def test_t_critical_values() -> None:
     assert t_critical(2) == pytest.approx(4.303) and t_critical(4) == pytest.approx(2.776)
-    assert t_critical(11) == pytest.approx(2.228)  # between table rows: the more conservative
+    for df in range(1, 31):  # every df a Welch-Satterthwaite floor can take with up to 16 seeds a side
+        assert t_critical(df) == pytest.approx(_t975(df), abs=6e-4), df
+    assert t_critical(35) == pytest.approx(2.042)  # between table rows: the more conservative
     assert t_critical(1000) == pytest.approx(2.0) and t_critical(0) == math.inf
+
+
+def test_verdict_uses_welch_satterthwaite_df_with_unequal_spreads() -> None:
+    """3 seeds, single-task spread 0.004 vs multi-task 0.0002 (the audit's case): the Welch df is
+    about 2, not the pooled 4, so a +-1.1% change is within t SE and neutral, where the pooled
+    df's smaller t would have called it a gain / negative transfer."""
+    single = summary([0.696, 0.700, 0.704])
+    for sign, old in ((1, "gain"), (-1, "negative transfer")):
+        mean = 0.7 * (1 + sign * 0.011)
+        multi = summary([mean - 0.0002, mean, mean + 0.0002])
+        assert single["std"] == pytest.approx(0.004) and multi["std"] == pytest.approx(0.0002)
+        r = relative_change(single, multi, True)
+        assert r["verdict"] == "neutral"
+        nu = _welch(0.004, 3, 0.0002, 3)
+        assert 2.0 < nu < 2.1 and r["df"] == pytest.approx(nu)
+        se = math.sqrt(0.004**2 / 3 + 0.0002**2 / 3) / 0.7 * 100
+        assert r["se_pct"] == pytest.approx(se) and r["change_pct"] == pytest.approx(sign * 1.1)
+        assert r["t"] == pytest.approx(_t975(2), abs=1e-3)
+        assert r["threshold_pct"] == pytest.approx(_t975(2) * se, rel=1e-3)
+        pooled_bar = _t975(4) * se  # the old rule: n_s + n_m - 2 = 4 df
+        assert abs(r["change_pct"]) > pooled_bar and (r["change_pct"] > 0) == (old == "gain")  # old verdict: ``old``
+    # equal spreads: Welch's df is the pooled one and the rule is unchanged
+    r = relative_change(summary([0.70, 0.71, 0.70]), summary([0.75, 0.76, 0.75]), True)
+    assert r["df"] == pytest.approx(4.0) and r["t"] == pytest.approx(2.776) and r["verdict"] == "gain"
+
+
+def test_one_seed_is_undetermined_and_recommends_train_together() -> None:
+    tasks = ["a", "b"]
+    row = {"tasks": {}}
+    for t, (s, m) in zip(tasks, ((0.70, 0.60), (0.70, 0.80)), strict=True):  # -14% and +14%: one seed says nothing
+        r = relative_change(summary([s]), summary([m]), True)
+        assert r["verdict"] == "undetermined" and r["df"] is None and r["se_pct"] is None
+        assert r["threshold_pct"] == MIN_EFFECT_PCT and r["change_pct"] == pytest.approx((m - s) / s * 100)
+        row["tasks"][t] = {**r, "worst_seed_change_pct": r["change_pct"]}
+    aff = {"matrix": {i: dict.fromkeys(tasks, -1e-3) for i in tasks}, "se": {i: dict.fromkeys(tasks, 1e-5) for i in tasks}}
+    for affinity in (None, aff):  # not keep single-task, even where the one seed lost 14% and nothing helps
+        rec = recommend(row, tasks, affinity)
+        for t in tasks:
+            assert rec[t]["action"] == "train together" and "no evidence either way" in rec[t]["reason"]
+
+
+def _fake_results(cfg, runs, val_pct: dict[str, float], test_pct: dict[str, float]) -> dict[str, dict]:
+    """Run results by hand: single-task models at a base metric (seed jitter), each multi-task
+    variant better by val_pct / test_pct (%, oriented) on val / test."""
+    base = {"ctr": 0.70, "cvr": 0.65, "watch": 2.0}
+    metric = {"ctr": "auc", "cvr": "auc", "watch": "rmse"}
+    jitter = {0: -0.002, 1: 0.0, 2: 0.002}
+    diag = {"grad_cosine": {}, "gates": {}, "grad_norm": {}, "dominance": 1.0}
+
+    def metrics(seed: int, pct: float) -> dict:
+        out = {}
+        for t, b in base.items():
+            v = b + jitter[seed] if metric[t] == "auc" else b * (1 + jitter[seed])
+            v *= 1 + pct / 100 if metric[t] == "auc" else 1 - pct / 100
+            out[t] = {metric[t]: v}
+        return out
+
+    results = {}
+    for r in runs:
+        seed = r.seed - cfg.train.seed
+        val_m = metrics(seed, 0.0 if r.kind == "single" else val_pct[r.variant])
+        test_m = metrics(seed, 0.0 if r.kind == "single" else test_pct[r.variant])
+        results[r.name] = {"val": val_m, "test": test_m, "throughput": {"train_rows_per_second": 1000.0}, "best_epoch": 1,
+                           "history": [{"val": val_m, "diagnostics": diag, "weights": {}}]}
+    return results
+
+
+def test_best_variant_is_chosen_on_val_and_reported_on_test(tmp_path: Path) -> None:
+    cfg = load_config(write_logs(tmp_path, rows=200))
+    runs = plan(cfg, 3, weighting_variants(cfg, ["static", "pcgrad"]))
+    # static is best on val (+1% vs 0%) but worst on test (-1% vs +2%): the choice must not see test
+    results = _fake_results(cfg, runs, val_pct={"static": 1.0, "pcgrad": 0.0}, test_pct={"static": -1.0, "pcgrad": 2.0})
+    rep = build_report(cfg, runs, results)
+    by = {r["variant"]: r for r in rep["multi"]}
+    assert rep["best"] == "static" and by["static"]["best"] and not by["pcgrad"]["best"]
+    assert rep["split"] == "test" and rep["selected_on"] == "val" and rep["selection_is_report_split"] is False
+    assert rep["comparisons"] == 2 * 3
+    assert by["static"]["delta_m_val_pct"] == pytest.approx(1.0) and by["pcgrad"]["delta_m_val_pct"] == pytest.approx(0.0)
+    # every reported number stays on test
+    assert by["static"]["delta_m_pct"] == pytest.approx(-1.0) and by["pcgrad"]["delta_m_pct"] == pytest.approx(2.0)
+    assert all(by["static"]["tasks"][t]["change_pct"] == pytest.approx(-1.0) for t in rep["tasks"])
+    assert all(by["static"]["val_change_pct"][t] == pytest.approx(1.0) for t in rep["tasks"])
+    assert rep["single"]["ctr"]["mean"] == pytest.approx(0.70)
+    # recommendations are the chosen variant's (on its test verdicts)
+    assert rep["recommendations"] == recommend(by["static"], rep["tasks"], None)
+    md = render_markdown(rep, [])
+    assert "★ best by Δm: **static** (selected on val, every number reported on test)" in md
+    assert "| Δm on val (selection) |" in md and "= 6 verdicts" in md
+    assert "by Δm on val" in rep["recommendation_rule"]
+
+    # no test split: selected and reported on the same split, and the report says so
+    no_test = cfg.model_copy(update={"data": cfg.data.model_copy(update={"test": None})})
+    rep = build_report(no_test, runs, results)
+    assert rep["split"] == "val" and rep["selected_on"] == "val" and rep["selection_is_report_split"] is True
+    assert rep["best"] == "static" and next(r for r in rep["multi"] if r["best"])["delta_m_pct"] == pytest.approx(1.0)
+    md = render_markdown(rep, [])
+    assert "selected and reported on the same split (val)" in md and "biased upward" in md
+    assert "Δm on val (selection)" not in md
 
 
 def test_delta_m_is_the_mean_oriented_relative_change() -> None:
@@ -256,8 +397,6 @@ def test_report_stability_affinity_and_recommendation(report_dir: Path) -> None:
 
 
 def test_recommendation_rule_on_hand_made_numbers() -> None:
-    from ranker.training.compare import recommend
-
     def row(verdicts: dict[str, tuple[str, float]]) -> dict:
         return {"tasks": {t: {"verdict": v, "change_pct": w, "worst_seed_change_pct": w} for t, (v, w) in verdicts.items()}}
 
@@ -270,6 +409,8 @@ def test_recommendation_rule_on_hand_made_numbers() -> None:
     assert rec["b"] == {**rec["b"], "action": "group differently", "with": ["a"]}  # a seed lost 3%; a helps b, c does not
     assert rec["c"]["action"] == "keep single-task"  # nobody helps c (a hurts it)
     assert recommend(row({"a": ("negative transfer", -2.0), "b": ("gain", 1.0), "c": ("gain", 1.0)}), tasks, None)["a"]["action"] == "keep single-task"
+    rec = recommend(row({"a": ("undetermined", -2.0), "b": ("undetermined", 1.0), "c": ("undetermined", -5.0)}), tasks, aff)
+    assert all(r["action"] == "train together" for r in rec.values())  # one seed: no evidence either way
 
 
 def test_affinity_probe_leaves_training_untouched_and_sees_identical_tasks_help(tmp_path: Path) -> None:

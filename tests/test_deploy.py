@@ -132,8 +132,8 @@ def test_every_rule_file_and_alert_is_unit_tested() -> None:
 def test_alert_thresholds() -> None:
     alerts = _alerts()
     expected = {
-        "RankerScoreDriftWarning": ("task:ranker_task_score:psi1h > 0.1", "15m", "warning"),
-        "RankerScoreDriftCritical": ("task:ranker_task_score:psi1h > 0.25", "15m", "critical"),
+        "RankerScoreDriftWarning": ("task:ranker_task_score:psi1h > 0.1 and on (task) task:ranker_task_score_bin:increase1h >= 1000", "15m", "warning"),
+        "RankerScoreDriftCritical": ("task:ranker_task_score:psi1h > 0.25 and on (task) task:ranker_task_score_bin:increase1h >= 1000", "15m", "critical"),
         "RankerModelNotReady": ("ranker_ready == 0", None, "critical"),
         "RankerScrapeDown": ('up{job="ranker"} == 0', None, "critical"),
     }
@@ -539,6 +539,12 @@ def test_k8s_deployment(name: str, docker_commands: tuple[Any, ...]) -> None:
     # the pod's user is the image's user
     image_user = [c.value[0] for c in _final_stage(docker_commands) if c.cmd == "USER"][-1]
     assert str(template["spec"]["securityContext"]["runAsUser"]) == image_user.split(":")[0]
+    # host-side threads fit the CPU limit, whatever CPU count the node reports
+    s = ServingSettings.from_env(env)
+    assert s.torch_threads is not None and s.workers * s.concurrency * s.intra_op_threads <= int(c["resources"]["limits"]["cpu"])
+    # the pod leaves the Service's endpoints before the server closes its port
+    wait = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert wait[0] == "sleep" and 0 < int(wait[1]) < template["spec"]["terminationGracePeriodSeconds"] - 5
 
 
 def test_k8s_cpu_deployment_runs_a_worker_per_cpu() -> None:
@@ -701,7 +707,7 @@ def test_start_prometheus_scrapes_itself_and_loads_the_rules(tmp_path: Path) -> 
 # A stand-in for `ranker serve`'s /metrics: the contract with known proportions. Every
 # scrape advances the counters by one "minute" of traffic, so shares are exact.
 FAKE_REFERENCE = {"ctr": (0.1, 0.2, 0.3, 0.4), "cvr": (0.25, 0.25, 0.25, 0.25)}
-FAKE_BIN_RATE = {"ctr": (4, 4, 4, 8), "cvr": (5, 5, 10, 0)}
+FAKE_BIN_RATE = {"ctr": (400, 400, 400, 800), "cvr": (500, 500, 1000, 0)}  # past the drift alerts' 1,000 items an hour from the first scrapes
 # feedback a scrape, per task: labelled events by label and reference bin, sums of scores and
 # log loss, as a replica serving model version v1 would count them
 FAKE_POSITIVES, FAKE_NEGATIVES = (1, 2, 3, 4), (4, 3, 2, 1)
@@ -787,6 +793,7 @@ class _FakeRanker:
         yield gauge("ranker_task_drift_psi", ["task"], [([t], 0.05) for t in tasks])
         yield counter("ranker_feature_missing_total", ["feature"], [(["age"], n)])
         yield counter("ranker_invalid_requests_total", ["reason"], [(["schema"], n)])
+        yield counter("ranker_requests_shed_total", [], [([], n)])
         yield gauge("ranker_model_info", ["version", "architecture"], [(["v1", "mmoe"], 1)])
         yield gauge("ranker_ready", [], [([], 1)])
         # POST /feedback sums (binary tasks only: no RMSE series)

@@ -300,6 +300,9 @@ def test_sighup_reloads_a_one_process_server_onto_the_bundle_the_path_names(tmp_
         current.symlink_to(shared_bottom_bundle())
         os.kill(pid, signal.SIGHUP)
         wait_for(lambda: served() == new.version)
+        m = scrape(url)  # one process in multiprocess mode: the old version's info no longer reads 1
+        assert value(m, "ranker_model_info", version=new.version, architecture="shared_bottom") == 1
+        assert m.get(("ranker_model_info", (("architecture", "mmoe"), ("version", old.version))), 0) == 0
         current.unlink()
         current.symlink_to(tmp_path)  # not a bundle
         os.kill(pid, signal.SIGHUP)

@@ -135,7 +135,11 @@ class ServingMetrics:
         for f in new.bundle.featurizer.inputs:
             self.feature_missing.labels(f.name)
         if old is not None and (old.version, old.architecture) != (new.version, new.architecture):
-            self.model_info.remove(old.version, old.architecture)
+            # 0 first: in multiprocess mode (a PROMETHEUS_MULTIPROC_DIR) remove() leaves the
+            # value in this process's file, where the old version would keep reading 1
+            self.model_info.labels(old.version, old.architecture).set(0)
+            if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+                self.model_info.remove(old.version, old.architecture)
         self.model_info.labels(new.version, new.architecture).set(1)
 
     def request_done(self, status: int, seconds: float) -> None:
