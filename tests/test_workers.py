@@ -197,8 +197,19 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
                 except httpx.HTTPError as e:
                     failures.append(repr(e))
 
-        client = threading.Thread(target=load)
+        counted: list[float] = []  # ranker_task_score_count{ctr} at every scrape, whichever worker answers
+
+        def watch() -> None:
+            while not stop.is_set():
+                try:
+                    counted.append(value(scrape(url), "ranker_task_score_count", task="ctr"))
+                except (httpx.HTTPError, KeyError):
+                    pass
+                time.sleep(0.05)
+
+        client, watcher = threading.Thread(target=load), threading.Thread(target=watch)
         client.start()
+        watcher.start()
         try:
             wait_for(lambda: len(versions) >= 5)
             current.unlink()
@@ -210,6 +221,7 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
         finally:
             stop.set()
             client.join()
+            watcher.join()
         m = scrape(url)
         live = live_gauge_pids(mdir)  # after a scrape: the replaced workers' live gauges dropped
         # labels of the replaced model's predictions still arrive after the roll: both versions count
@@ -246,6 +258,9 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
         if "ne" in figures:
             np.testing.assert_allclose(value(m, "ranker_task_validation_ne", task=task), figures["ne"], rtol=1e-9)
     assert value(m, "ranker_requests_total", status="2xx") == len(versions)  # counts kept across the roll
+    # the score counters too, summed over both versions' workers: never going back during the roll
+    assert len(counted) > 10 and all(b >= a for a, b in zip(counted, counted[1:])), counted
+    assert value(m, "ranker_task_score_count", task="ctr") == len(versions)
     assert not failures, failures[:5]
 
 

@@ -140,21 +140,49 @@ class SharedScores:
             m[off + k : off + 2 * k] = window
             m[off + 2 * k] = total
 
+    def _layouts(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Every model version this server's workers have loaded -> its score-file layout,
+        read from the version files they wrote (``publish_versions``; tasks in tracker order)."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for _, path in sorted((f.stat().st_mtime, f) for f in self.path.iterdir() if _VERSIONS.fullmatch(f.name)):
+            try:
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for version, tasks in doc.items():
+                layout, offset = {}, 0
+                for task, (_, edges) in tasks.items():
+                    layout[task] = (offset, len(edges) + 1)
+                    offset += 2 * (len(edges) + 1) + 1
+                out[version] = layout
+        return out
+
     def snapshots(self, loaded: LoadedModel) -> dict[str, TrackerSnapshot]:
-        """Every worker's trackers summed: all-time counts over all, windows over the live."""
+        """Every worker's trackers summed: windows over the live workers serving ``loaded``'s
+        version; all-time counts over every worker and every version this server has served
+        (a task's counts where its bin count matches), so that during and after a SIGHUP roll
+        every scrape, whichever worker answers it, gives the same counters and they never go
+        back (summing one version's files only, a scrape answered by an old worker and the
+        next by a new one had made the counters jump between the two versions' totals)."""
         layout = _layout(loaded)
+        layouts = {**self._layouts(), loaded.version: layout}
         size = sum(2 * k + 1 for _, k in layout.values())
         counts = np.zeros(size)
         window = np.zeros(size)
-        for f in self.path.glob(f"scores-{loaded.version}-*.bin"):
+        for f in self.path.glob("scores-*-*.bin"):
             m = _SCORES.fullmatch(f.name)
-            if m is None:
+            theirs = layouts.get(m["version"]) if m is not None else None
+            if theirs is None:
                 continue
             v = np.fromfile(f, dtype=np.float64)
-            if v.shape != (size,):
+            if v.shape != (sum(2 * k + 1 for _, k in theirs.values()),):
                 continue  # being created
-            counts += v
-            if _alive(int(m["pid"])):
+            for task, (off, k) in layout.items():
+                if task in theirs and theirs[task][1] == k:
+                    at = theirs[task][0]
+                    counts[off : off + k] += v[at : at + k]
+                    counts[off + 2 * k] += v[at + 2 * k]
+            if m["version"] == loaded.version and _alive(int(m["pid"])):
                 window += v
         out = {}
         for task, (off, k) in layout.items():
