@@ -532,7 +532,7 @@ def test_k8s_deployment(name: str, docker_commands: tuple[Any, ...]) -> None:
             assert _resolve_port(c, c[probe]["httpGet"]["port"]) == PORT
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind]), kind
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert env["RANKER_BUNDLE"] == mounts["bundle"]
     assert "bundle" in {v["name"] for v in template["spec"]["volumes"]}
@@ -542,6 +542,10 @@ def test_k8s_deployment(name: str, docker_commands: tuple[Any, ...]) -> None:
     # host-side threads fit the CPU limit, whatever CPU count the node reports
     s = ServingSettings.from_env(env)
     assert s.torch_threads is not None and s.workers * s.concurrency * s.intra_op_threads <= int(c["resources"]["limits"]["cpu"])
+    # secrets come from a Secret, never inline
+    secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert set(secret) == {"RANKER_FEEDBACK_TOKEN"} and secret["RANKER_FEEDBACK_TOKEN"]["name"] == "ranker-feedback"
+    assert template["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     # the pod leaves the Service's endpoints before the server closes its port
     wait = c["lifecycle"]["preStop"]["exec"]["command"]
     assert wait[0] == "sleep" and 0 < int(wait[1]) < template["spec"]["terminationGracePeriodSeconds"] - 5
@@ -551,7 +555,7 @@ def test_k8s_cpu_deployment_runs_a_worker_per_cpu() -> None:
     """The CPU pods run one worker process per CPU of their limit (settings the server accepts),
     with a writable /tmp for the workers' metric files under a read-only root."""
     c = _container(_k8s("deployment.yaml"))
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     s = ServingSettings.from_env(env)
     assert s.workers == int(c["resources"]["limits"]["cpu"]) > 1
     # one request per worker and one torch thread each, whatever CPU count the node reports
