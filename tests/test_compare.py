@@ -485,3 +485,21 @@ def test_affinity_is_higher_for_correlated_tasks_on_synthetic_logs(tmp_path: Pat
         z = probe.summary()["matrix"]
         sym[p] = (z["ctr"]["watch"] + z["watch"]["ctr"]) / 2
     assert sym[1.0] > 0 and sym[1.0] > sym[0.0]
+
+
+def test_affinity_pooled_over_seeds_counts_the_seeds_spread() -> None:
+    """Many steps agreeing within each seed but seeds disagreeing: the pooled SE is at least
+    the seeds' std / sqrt(seeds), not the far smaller one of all steps taken as one run."""
+    from ranker.training.affinity import pool
+
+    def summary(m: float) -> dict:
+        return {"steps": 100, "tasks": ["a", "b"], "matrix": {"a": {"b": m}, "b": {"a": m}},
+                "se": {"a": {"b": 1e-6}, "b": {"a": 1e-6}}, "count": {"a": {"b": 100}, "b": {"a": 100}}}
+
+    seeds = [1e-3, 9e-4, 1e-6]
+    got = pool([summary(m) for m in seeds])
+    want = float(np.std(seeds, ddof=1) / np.sqrt(3))
+    assert got["matrix"]["a"]["b"] == pytest.approx(np.mean(seeds))
+    assert got["se"]["a"]["b"] == pytest.approx(want, rel=1e-9)
+    one = pool([summary(5e-4)])  # one run: its steps' SE
+    assert one["se"]["a"]["b"] == pytest.approx(1e-6, rel=1e-6)

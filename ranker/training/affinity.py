@@ -21,6 +21,7 @@ forwards without graph.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -117,7 +118,10 @@ class AffinityProbe:
 
 
 def pool(summaries: list[dict]) -> dict:
-    """Pool several runs' summaries (e.g. one per seed) as if their sampled steps were one run."""
+    """Pool several runs' summaries (e.g. one per seed): the mean over all their sampled
+    steps, and as its standard error the larger of the steps' (as if one run) and the runs'
+    (std of the per-run means / sqrt(runs)): steps within a run are not independent draws of
+    what a retrain would give, and seeds can disagree far more than steps do."""
     tasks = list(dict.fromkeys(t for s in summaries for t in s["tasks"]))
     mean: dict[str, dict[str, float]] = {}
     se: dict[str, dict[str, float]] = {}
@@ -136,6 +140,10 @@ def pool(summaries: list[dict]) -> dict:
             sq = sum((e * e * c * (c - 1) if c > 1 and math.isfinite(e) else 0.0) + c * m * m for m, e, c in parts)
             m = total / n
             var = max(sq - n * m * m, 0.0) / (n - 1) if n > 1 else float("nan")
-            mean[i][j], se[i][j], count[i][j] = m, math.sqrt(var / n), n
+            step_se = math.sqrt(var / n)
+            if len(parts) > 1:  # the runs' own spread, the unit a retrain replicates
+                run_se = statistics.stdev(p[0] for p in parts) / math.sqrt(len(parts))
+                step_se = max(step_se, run_se) if math.isfinite(step_se) else run_se
+            mean[i][j], se[i][j], count[i][j] = m, step_se, n
     return {"steps": sum(s["steps"] for s in summaries), "runs": len(summaries), "tasks": tasks,
             "matrix": mean, "se": se, "count": count}
