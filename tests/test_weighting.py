@@ -24,7 +24,7 @@ from ranker.config import (
 )
 from ranker.errors import RankerError
 from ranker.training.weighting import WEIGHTINGS, GradientWeighting, StepContext, build_weighting
-from ranker.training.weighting.cagrad import CAGrad
+from ranker.training.weighting.cagrad import CAGrad, cagrad_weights
 from ranker.training.weighting.dwa import DWA
 from ranker.training.weighting.famo import FAMO
 from ranker.training.weighting.gradnorm import GradNorm
@@ -95,6 +95,67 @@ def test_cagrad_improves_the_worst_task_over_the_mean_gradient() -> None:
     assert float((grads @ g0).min()) < 0
     assert float((grads @ d).min()) > float((grads @ g0).min())
     assert float((d - g0).norm()) == pytest.approx(c * float(g0.norm()), rel=1e-4)  # on the ball's edge
+
+
+def _cagrad_dual(gram: np.ndarray, c: float, w: np.ndarray) -> np.ndarray:
+    """CAGrad's dual objective w . G 1/T + c |g0| sqrt(w^T G w) at the simplex points ``w`` (N, T) or (T,)."""
+    radius = c * math.sqrt(gram.mean())  # c |g0|, |g0|^2 = 1/T^2 sum_ij G_ij
+    w = np.atleast_2d(w)
+    quad = np.einsum("ni,ij,nj->n", w, gram, w)
+    return w @ gram.mean(axis=1) + radius * np.sqrt(np.maximum(quad, 0.0))
+
+
+def _assert_cagrad_dual_optimal(gram: np.ndarray, c: float, w: np.ndarray, seed: int) -> None:
+    """Checked without trusting the solver: w is on the simplex and no vertex, no random simplex
+    point and no small feasible move from w has a lower objective (the objective is convex, so the
+    moves are a first-order optimality check)."""
+    t = len(gram)
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-12)
+    tol = 1e-9 * float(np.abs(np.diag(gram)).max())  # the objective scales with G
+    f = float(_cagrad_dual(gram, c, w)[0])
+    rng = np.random.default_rng(seed)
+    eye = np.eye(t)
+    moves = [(1 - eps) * w + eps * eye[i] for eps in (1e-2, 1e-3, 1e-4) for i in range(t)]
+    moves += [w + eps * (eye[i] - eye[j]) for eps in (1e-3, 1e-5) for i in range(t) for j in range(t) if i != j and w[j] >= eps]
+    for name, points in (("vertices", eye), ("random simplex points", rng.dirichlet(np.ones(t), 2000)), ("moves from w", np.array(moves))):
+        others = _cagrad_dual(gram, c, points)
+        assert f <= float(others.min()) + tol, f"{name} beat w={w}: {others.min()} < {f}"
+
+
+# audit case: the old exponentiated-gradient solver stopped at w ~ (0.068, 0, 0.932), objective
+# 0.233 (above the vertex e3's 0.092), and its direction made task 3's loss go up
+_AUDIT_GRAM = np.array([[114.5964, -163.633, 1.0968], [-163.633, 523.0274, -3.7285], [1.0968, -3.7285, 0.155]])
+
+
+def test_cagrad_weights_reach_the_dual_optimum_on_an_ill_conditioned_gram() -> None:
+    c = 0.4
+    w = cagrad_weights(_AUDIT_GRAM, c)
+    _assert_cagrad_dual_optimal(_AUDIT_GRAM, c, w, seed=0)
+    assert float(_cagrad_dual(_AUDIT_GRAM, c, w)[0]) == pytest.approx(0.0070635, abs=1e-6)  # scipy SLSQP: 0.00706
+    assert w == pytest.approx([0.019696, 0.0, 0.980304], abs=1e-5)
+
+
+def test_cagrad_direction_does_not_hurt_any_task_on_the_audit_gram() -> None:
+    c, t = 0.4, len(_AUDIT_GRAM)
+    coef = CAGrad(_tasks("a", "b", "c"), CAGradParams(c=c)).coefficients(_AUDIT_GRAM, np.ones(t))
+    # d = sum_j coef_j g_j, so g_i . d = (G coef)_i
+    dots = _AUDIT_GRAM @ coef
+    assert float(dots.min()) >= 0.0  # the old solver's: -0.22 (task 3)
+    # the same as the paper's d = g0 + c |g0| g_w / |g_w| (up to the 1 / (1 + c^2) rescale), w from the solver
+    w = cagrad_weights(_AUDIT_GRAM, c)
+    paper = _AUDIT_GRAM @ (np.full(t, 1.0 / t) + c * math.sqrt(_AUDIT_GRAM.mean()) * w / math.sqrt(w @ _AUDIT_GRAM @ w))
+    assert dots * (1 + c**2) == pytest.approx(paper, abs=1e-6)  # the code adds 1e-8 to |g0|^2 and |g_w|
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_cagrad_weights_reach_the_dual_optimum_on_random_grams(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = 2 + seed % 4
+    grads = rng.standard_normal((t, 8)) * rng.uniform(0.1, 10.0, (t, 1))  # gradient norms 0.1-10x apart
+    gram = grads @ grads.T
+    c = (0.2, 0.4, 0.8)[seed % 3]
+    _assert_cagrad_dual_optimal(gram, c, cagrad_weights(gram, c), seed)
+    _assert_cagrad_dual_optimal(gram, c, cagrad_weights(gram, c, start=np.eye(t)[seed % t]), seed)  # from a vertex
 
 
 # ----- GradNorm --------------------------------------------------------------------------------

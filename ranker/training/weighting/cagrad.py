@@ -19,26 +19,68 @@ from ranker.training.weighting.base import GradientWeighting
 _EPS = 1e-8
 
 
-def cagrad_weights(gram: np.ndarray, c: float, start: np.ndarray | None = None, iters: int = 200) -> np.ndarray:
-    """Simplex w minimising w^T G 1/T + c |g0| sqrt(w^T G w) by exponentiated gradient (the
-    objective is convex: a linear term plus a norm), from ``start`` (default uniform)."""
+def _project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection of ``v`` onto the probability simplex (sort-based, exact)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    rho = np.nonzero(u - css / np.arange(1, len(v) + 1) > 0)[0][-1]
+    return np.maximum(v - css[rho] / (rho + 1), 0.0)
+
+
+def cagrad_weights(
+    gram: np.ndarray, c: float, start: np.ndarray | None = None, iters: int = 5000, tol: float = 1e-12
+) -> np.ndarray:
+    """Simplex w minimising w^T G 1/T + c |g0| sqrt(w^T G w), from ``start`` (default uniform).
+
+    The objective is convex (a linear term plus a norm), so projected gradient on the simplex
+    converges to the optimum from any start: spectral (Barzilai-Borwein) steps, a nonmonotone
+    Armijo backtracking line search and an exact Euclidean projection, until the projected
+    gradient step is below ``tol`` (on the simplex, i.e. in w) or no descent is found, at most
+    ``iters`` iterations. Works on G divided by its largest diagonal entry (same minimiser), so
+    the tolerances do not depend on the gradients' scale. The norm is not differentiable where
+    w^T G w = 0; there the subgradient with a zero norm part is used, and a line search that
+    finds no descent ends the solve."""
     t = len(gram)
+    w = np.full(t, 1.0 / t) if start is None else _project_simplex(np.asarray(start, dtype=np.float64))
+    if not np.isfinite(gram).all():  # e.g. an fp16 overflow: nothing to solve, keep the start
+        return w
     b = gram.mean(axis=1)  # (T,) g_i . g0
     radius = c * np.sqrt(max(gram.mean(), 0.0) + _EPS)
-    w = np.full(t, 1.0 / t) if start is None else start.copy()
-    best, best_f = w, np.inf
-    for k in range(iters):
-        gw2 = max(float(w @ gram @ w), 0.0) + _EPS
-        f = float(w @ b) + radius * np.sqrt(gw2)
+    scale = max(float(np.abs(np.diag(gram)).max()), np.finfo(float).tiny)
+    g = (gram + gram.T) / (2 * scale)
+    bs, rs = b / scale, radius / np.sqrt(scale)
+
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        gw = g @ w
+        norm = np.sqrt(max(float(w @ gw), 0.0))  # |g_w| / sqrt(scale)
+        grad = bs + rs * gw / norm if norm > 1e-150 else bs.copy()
+        return float(w @ bs) + rs * norm, grad
+
+    f, grad = objective(w)
+    best, best_f = w, f
+    recent = [f]  # the nonmonotone line search compares with the worst of the last 10 values
+    step = 1.0
+    for _ in range(iters):
+        d = _project_simplex(w - step * grad) - w
+        if np.abs(d).max() <= tol and np.abs(_project_simplex(w - grad) - w).max() <= tol:
+            break  # w is a fixed point of the projected gradient step: optimal
+        slope, ref = float(grad @ d), max(recent[-10:])
+        lam = 1.0
+        while True:
+            nxt = w + lam * d
+            f_nxt, grad_nxt = objective(nxt)
+            if f_nxt <= ref + 1e-4 * lam * slope:
+                break
+            lam *= 0.5
+            if lam < 1e-20:
+                return best  # no descent along the projected gradient: converged (or at the kink)
+        s, y = nxt - w, grad_nxt - grad
+        sy = float(s @ y)
+        step = min(max(float(s @ s) / sy, 1e-10), 1e10) if sy > 0 else 1e10
+        w, f, grad = nxt, f_nxt, grad_nxt
+        recent.append(f)
         if f < best_f:
             best, best_f = w, f
-        grad = b + radius * (gram @ w) / np.sqrt(gw2)
-        step = 1.0 / (np.abs(grad).max() + _EPS) / np.sqrt(k + 1)
-        nxt = w * np.exp(-step * (grad - grad.min()))
-        nxt /= nxt.sum()
-        if np.abs(nxt - w).max() < 1e-7:
-            break
-        w = nxt
     return best
 
 
@@ -54,7 +96,7 @@ class CAGrad(GradientWeighting):
         mean = np.full(t, 1.0 / t)
         if self.c == 0:
             return mean
-        # warm start, kept off the simplex's faces: multiplicative updates cannot leave a 0
+        # warm start (G changes little from step to step), pulled towards the uniform point
         start = 0.9 * self._last + 0.1 * mean if self._last is not None and len(self._last) == t else None
         w = self._last = cagrad_weights(gram, self.c, start)
         radius = self.c * np.sqrt(max(gram.mean(), 0.0) + _EPS)
