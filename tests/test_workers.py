@@ -275,27 +275,6 @@ def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
 
 
-def test_one_worker_with_a_metrics_dir_starts_from_zero_and_bind_errors_are_one_line(tmp_path: Path) -> None:
-    mdir = tmp_path / "metrics"
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16"}
-    for run in range(2):
-        with ranker_serve(mmoe_bundle(), tmp_path / f"serve{run}.log", env=env) as url:
-            assert value(scrape(url), "ranker_requests_total", status="2xx") == 0  # the first run's counts not summed in
-            for _ in range(3):
-                assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).status_code == 200
-            port = int(url.rsplit(":", 1)[1])
-            # the port is taken: refused in one line, before the model loads (either mode)
-            for args in ([], ["--workers", "2"]) if run == 0 else ():
-                p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "127.0.0.1",
-                                    "--port", str(port), *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
-                assert p.returncode == 2 and p.stderr.count("\n") == 1, (args, p.stderr)
-                assert p.stderr.startswith(f"ranker: error: serve: cannot listen on 127.0.0.1:{port}"), p.stderr
-        assert not [f for f in mdir.iterdir()]  # our files removed on exit
-    p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "no-such-host.invalid"],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.startswith("ranker: error: serve: cannot listen on no-such-host.invalid:8000"), p.stderr
-
-
 def test_sighup_reloads_a_one_process_server_onto_the_bundle_the_path_names(tmp_path: Path) -> None:
     """One process takes SIGHUP as several do: it serves what the bundle path names now, and
     a path that names no bundle is logged while the current model keeps serving."""
@@ -308,15 +287,31 @@ def test_sighup_reloads_a_one_process_server_onto_the_bundle_the_path_names(tmp_
         return httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).headers["X-Model-Version"]
 
     mdir = tmp_path / "metrics"  # a one-process server writes its live gauges there too: their file names its pid
-    with ranker_serve(current, log, env={"RANKER_WARMUP_ROWS": "16", "PROMETHEUS_MULTIPROC_DIR": str(mdir)}) as url:
+    mdir.mkdir()
+    (mdir / "counter_424242.db").write_bytes(b"an earlier run's counts")  # must not be summed in
+    (mdir / "keep.txt").write_text("not ours")
+    env = {"RANKER_WARMUP_ROWS": "16", "PROMETHEUS_MULTIPROC_DIR": str(mdir)}
+    with ranker_serve(current, log, env=env) as url:
         (pid,) = live_gauge_pids(mdir)
+        assert not (mdir / "counter_424242.db").exists() and (mdir / "keep.txt").exists()
+        assert value(scrape(url), "ranker_requests_total", status="2xx") == 0
+        # the port is taken: refused in one line, before the model loads (either mode)
+        port = int(url.rsplit(":", 1)[1])
+        for args in ([], ["--workers", "2"]):
+            p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "127.0.0.1",
+                                "--port", str(port), *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+            assert p.returncode == 2 and p.stderr.count("\n") == 1, (args, p.stderr)
+            assert p.stderr.startswith(f"ranker: error: serve: cannot listen on 127.0.0.1:{port}"), p.stderr
         assert served() == old.version
         current.unlink()
         current.symlink_to(shared_bottom_bundle())
         os.kill(pid, signal.SIGHUP)
         wait_for(lambda: served() == new.version)
-        m = scrape(url)  # one process in multiprocess mode: the old version's info no longer reads 1
-        assert value(m, "ranker_model_info", version=new.version, architecture="shared_bottom") == 1
+        # one process in multiprocess mode: the old version's info no longer reads 1 (the
+        # metrics move just after the swap that answers requests, so wait for them)
+        info = ("ranker_model_info", (("architecture", "shared_bottom"), ("version", new.version)))
+        wait_for(lambda: scrape(url).get(info) == 1)
+        m = scrape(url)
         assert m.get(("ranker_model_info", (("architecture", "mmoe"), ("version", old.version))), 0) == 0
         current.unlink()
         current.symlink_to(tmp_path)  # not a bundle
@@ -325,3 +320,7 @@ def test_sighup_reloads_a_one_process_server_onto_the_bundle_the_path_names(tmp_
         assert served() == new.version
     text = log.read_text()
     assert f"SIGHUP: reloaded {current}: version {old.version} -> {new.version}" in text
+    assert sorted(f.name for f in mdir.iterdir()) == ["keep.txt"]  # our files removed on exit, theirs kept
+    p = subprocess.run([sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(mmoe_bundle()), "--host", "no-such-host.invalid"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("ranker: error: serve: cannot listen on no-such-host.invalid:8000"), p.stderr

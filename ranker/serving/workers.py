@@ -286,12 +286,13 @@ def serve(settings: ServingSettings, log_level: str = "info", access_log: bool =
     from ranker.serving.app import create_app
 
     given = os.environ.get(METRICS_DIR_ENV)
+    # the port is bound before the metrics directory is cleared: a second server started on a
+    # taken port by mistake must fail without wiping the running one's files
     if settings.workers == 1:
+        sock = listen_socket(settings.host, settings.port)  # a port in use or a bad host: one line, before the model loads
         if given:  # one process still writes its metrics there (multiprocess mode): start from zero
             clear_dir(Path(given))
         try:
-            # bound first: a port in use or a bad host is one line, before the model loads
-            sock = listen_socket(settings.host, settings.port)
             tune_process(settings)
             app = create_app(settings)  # a bundle that cannot be served fails here, before the port listens
             freeze_heap()
@@ -305,12 +306,13 @@ def serve(settings: ServingSettings, log_level: str = "info", access_log: bool =
     from ranker.serving.predictor import load_model
 
     load_model(settings.bundle, settings, warm=False)  # refuse a bad bundle before any worker starts
+    supervisor = Supervisor(settings.host, settings.port, settings.workers, log_level, access_log)  # binds the port
     path = Path(given) if given else Path(tempfile.mkdtemp(prefix="ranker-metrics-"))
     clear_dir(path)  # counters from an earlier run must not be summed into this one
     os.environ[METRICS_DIR_ENV] = str(path)  # before any worker imports prometheus_client
     os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude=set(SECRET_ENV))  # a dump would write them as "**********"
     try:
-        Supervisor(settings.host, settings.port, settings.workers, log_level, access_log).run()
+        supervisor.run()
     finally:
         if given:
             clear_dir(path)
