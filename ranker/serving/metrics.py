@@ -39,6 +39,16 @@ STAGES = ("parse", "featurize", "encode")  # request work outside the model, tim
 HEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+
+# set (by ``ranker serve --workers N``, or by hand) when metrics live in prometheus_client's
+# multiprocess files, where remove() and clear() leave the values in place
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    return METRICS_DIR_ENV in os.environ
+
+
 class ScoreCollector(Collector):
     """Per-task score histogram (reference bin edges as buckets), bin counters, reference
     shares and windowed PSI of the model ``current()`` returns."""
@@ -138,7 +148,7 @@ class ServingMetrics:
             # 0 first: in multiprocess mode (a PROMETHEUS_MULTIPROC_DIR) remove() leaves the
             # value in this process's file, where the old version would keep reading 1
             self.model_info.labels(old.version, old.architecture).set(0)
-            if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            if not multiprocess_mode():
                 self.model_info.remove(old.version, old.architecture)
         self.model_info.labels(new.version, new.architecture).set(1)
 
@@ -246,7 +256,7 @@ class FeedbackMetrics:
     def set_validation(self, metrics: Mapping[str, Mapping[str, object]], tasks: Sequence[str]) -> None:
         """The served bundle's validation figures per task (only the finite ones it has)."""
         for gauge, key in ((self.validation_calibration, "calibration"), (self.validation_ne, "ne"), (self.validation_rmse, "rmse")):
-            if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # a worker serves one bundle for life (prometheus_client cannot clear there)
+            if not multiprocess_mode():  # a worker serves one bundle for life (prometheus_client cannot clear there)
                 gauge.clear()
             for task in tasks:
                 v = metrics.get(task, {}).get(key)

@@ -40,9 +40,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from ranker.reference import psi
 from ranker.serving.drift import TrackerSnapshot
 from ranker.serving.feedback import TaskRef
+from ranker.serving.metrics import METRICS_DIR_ENV
 from ranker.serving.predictor import LoadedModel
 
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _SCORES = re.compile(r"scores-(?P<version>[0-9A-Za-z_.-]+)-(?P<pid>[0-9]+)\.bin")
 _LIVE_GAUGE = re.compile(r"gauge_live[a-z]*_(?P<pid>[0-9]+)\.db")
 

@@ -129,6 +129,26 @@ def evaluate(
     return EvalResult(metrics, scores)
 
 
+def label_counts(tasks: Iterable[TaskSpec]) -> dict[str, list[int]]:
+    """Zeroed [labelled rows, positives] per task with a label column (``count_labels``)."""
+    return {t.name: [0, 0] for t in tasks if t.label is not None}
+
+
+def count_labels(counts: dict[str, list[int]], labels: dict[str, torch.Tensor]) -> None:
+    """Add one batch's ``extract_labels`` (NaN = unlabelled) to ``counts``."""
+    for name, c in counts.items():
+        y = labels.get(f"label:{name}")
+        if y is not None:
+            y = y.numpy()
+            c[0] += int(np.isfinite(y).sum())
+            c[1] += int((y == 1).sum())
+
+
+def sum_label_counts(parts: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Several ranks' ``label_counts`` summed."""
+    return {name: [sum(p[name][k] for p in parts) for k in (0, 1)] for name in parts[0]}
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
@@ -211,7 +231,7 @@ class Trainer:
         ranks = self.ranks
         failed: list[Exception] = []  # this rank's error, held until the ranks meet
         rows = 0
-        seen = {t.name: [0, 0] for t in self.cfg.tasks if t.label is not None}  # task -> [labelled rows, positives]
+        seen = label_counts(self.cfg.tasks)
 
         def tapped() -> Iterator[pa.RecordBatch]:
             nonlocal rows
@@ -221,11 +241,7 @@ class Trainer:
                     regression = [t for t in src.tasks if t.type == "regression"]
                     for f, rb in src.train.batches(cols, units=plan_units(src.train.units, ranks.world)[ranks.rank]):
                         labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
-                        for t in src.tasks:
-                            if t.name in seen:
-                                y = labels[f"label:{t.name}"].numpy()
-                                seen[t.name][0] += int(np.isfinite(y).sum())
-                                seen[t.name][1] += int((y == 1).sum())
+                        count_labels(seen, labels)
                         for t in regression:
                             y = labels[f"label:{t.name}"].numpy().astype(np.float64)  # NaN = unlabelled
                             target[t.name].update(np.log1p(np.clip(y, 0, None)) if t.transform == "log1p" else y)
@@ -250,7 +266,7 @@ class Trainer:
                     summed[name].merge(m)
             target.update(summed)
             shares[:] = [p[3] for p in parts]
-            seen.update({name: [sum(p[4][name][k] for p in parts) for k in (0, 1)] for name in seen})
+            seen.update(sum_label_counts([p[4] for p in parts]))
             return merged
 
         t0 = time.perf_counter()
@@ -278,7 +294,7 @@ class Trainer:
             RankerError: the file and column of a bad label, or the val split and tasks."""
         ranks = self.ranks
         failed: list[Exception] = []
-        seen = {t.name: [0, 0] for src in sources for t in src.tasks if t.label is not None}  # val: [labelled, positives]
+        seen = label_counts([t for src in sources for t in src.tasks])  # on val
         try:
             for src in sources:
                 cols = label_columns(src.tasks)
@@ -287,18 +303,14 @@ class Trainer:
                         labels = extract_labels(rb, src.tasks, str(f))  # validates every label value
                         if split is not src.val:
                             continue
-                        for t in src.tasks:
-                            if t.name in seen:
-                                y = labels[f"label:{t.name}"].numpy()
-                                seen[t.name][0] += int(np.isfinite(y).sum())
-                                seen[t.name][1] += int((y == 1).sum())
+                        count_labels(seen, labels)
         except RankerError as e:
             failed.append(e)
         parts = ranks.gather_objects((failed[:1], seen))
         errors = failed[:1] or [e for err, _ in parts for e in err]
         if errors:
             raise errors[0]
-        total = {name: [sum(p[1][name][k] for p in parts) for k in (0, 1)] for name in seen}
+        total = sum_label_counts([p[1] for p in parts])
         types = self.task_types
 
         def undefined(name: str) -> bool:  # its primary metric on val: AUC needs both classes, R^2 two rows
