@@ -6,6 +6,7 @@
     python bench/bench_serving.py --bundle DIR       # benchmark an existing bundle
     python bench/bench_serving.py --formats rows,columns,arrow --workers 1,2
     python bench/bench_serving.py --torch-threads 2  # intra-op threads of every side
+    python bench/bench_serving.py --device cuda --concurrency 1,8,64 --serve-args '--batch-window-ms 2'
 
 Body formats: ``rows`` (row-wise JSON, per-user columns in ``context``), ``columns``
 (column-wise JSON, same context) and ``arrow`` (an Arrow IPC stream, strings dictionary-encoded
@@ -13,9 +14,11 @@ as a columnar client would send them, answered as an Arrow stream). ``--workers`
 `ranker serve --workers N` for each N.
 
 What it runs, all on this machine:
-- in-process: featurize+forward and forward alone on the same 1,000 rows (median of N);
+- in-process: featurize+forward and forward alone on the same 1,000 rows (median of N); with
+  ``--device cuda`` the forward is the served one (host batch to the GPU through pinned
+  staging, the heads, scores back on the host);
 - `ranker serve` (a real process) and a baseline server (a real process, same uvicorn and
-  FastAPI): 1,000-candidate requests at concurrency 1 and 8, ``?tasks=ctr`` and all tasks;
+  FastAPI): 1,000-candidate requests at concurrency 1 and 8 (``--concurrency``), ``?tasks=ctr`` and all tasks;
   p50/p99 latency and candidates/s from the load generator (``hey`` when installed: a Go
   client stealing less CPU from the servers; otherwise an async httpx client);
 - the baseline is the plain way to write the endpoint: a pydantic model per item, a Python
@@ -34,6 +37,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -241,16 +245,16 @@ class InProcess:
     """The model's own time on the request's rows, in this process: featurize+forward and
     forward alone, per task selection (median of ``n`` runs)."""
 
-    def __init__(self, bundle_dir: Path, table: Any, body: bytes) -> None:
+    def __init__(self, bundle_dir: Path, table: Any, body: bytes, device: str = "cpu") -> None:
         from ranker.bundle import load_bundle
         from ranker.serving.predictor import load_model
         from ranker.serving.settings import ServingSettings
 
         self.b = load_bundle(bundle_dir)
-        self.table, self.body = table, body
+        self.table, self.body, self.device = table, body, device
         self.batch = self.b.featurizer.transform(table)
         # the server's whole per-request work minus HTTP: JSON parse, featurize, forward, encode
-        self.loaded = load_model(bundle_dir, ServingSettings(bundle=bundle_dir, device="cpu"), warm=False)
+        self.loaded = load_model(bundle_dir, ServingSettings(bundle=bundle_dir, device=device), warm=False)
 
     def measure(self, tasks: list[str] | None, n: int, fmt: str = "rows", body: bytes | None = None) -> dict[str, float]:
         import torch
@@ -261,11 +265,17 @@ class InProcess:
         names = tasks or loaded.task_names
         wire = WireFormat(True, True) if fmt == "arrow" else JSON_WIRE
         payload = body if body is not None else self.body
+        if self.device == "cpu":
+            def forward(x: Any) -> Any:
+                return b.model.predict(x, tasks)
+        else:  # the served forward: host batch -> device (pinned staging), heads, scores back on the host
+            def forward(x: Any) -> Any:
+                return loaded.forward(x, names)
         with torch.inference_mode():
             return {
                 "server work": median_ms(lambda: loaded.predict(payload, names, wire), n),
-                "featurize+forward": median_ms(lambda: b.model.predict(b.featurizer.transform(table), tasks), n),
-                "forward": median_ms(lambda: b.model.predict(batch, tasks), n),
+                "featurize+forward": median_ms(lambda: forward(b.featurizer.transform(table)), n),
+                "forward": median_ms(lambda: forward(batch), n),
             }
 
 
@@ -407,6 +417,9 @@ def main() -> None:
     p.add_argument("--tasks", default="one,all", help="task selections: one (the first task), all, or both")
     p.add_argument("--no-baseline", action="store_true", help="skip the per-item baseline server")
     p.add_argument("--client", choices=("auto", "hey", "httpx"), default="auto")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where `ranker serve` and the in-process forward run")
+    p.add_argument("--concurrency", default="1,8", help="comma-separated load-generator concurrencies (1 also alternates with the in-process runs)")
+    p.add_argument("--serve-args", default="", help="extra `ranker serve` arguments, e.g. '--batch-window-ms 2 --concurrency 4'")
     p.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -426,6 +439,7 @@ def main() -> None:
     if bad := [f for f in formats if f not in FORMATS]:
         p.error(f"--formats: unknown {bad}; choose from {', '.join(FORMATS)}")
     worker_counts = [int(w) for w in a.workers.split(",")]
+    concs = [int(c) for c in a.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     try:
         bundle, data = a.bundle, a.data
@@ -446,7 +460,7 @@ def main() -> None:
             files[f] = work / f"body.{f}"
             files[f].write_bytes(b_)
         client = "hey" if a.client == "hey" or (a.client == "auto" and shutil.which("hey")) else "httpx"
-        inproc = InProcess(bundle, table, body)
+        inproc = InProcess(bundle, table, body, a.device)
         b, m = inproc.b, inproc.b.config.model
         f = b.featurizer
         one_task = b.model.task_names[0]
@@ -456,7 +470,9 @@ def main() -> None:
               f"{len(f.categorical)} categorical ({sum(k == 'str' for n, k in f.kinds.items() if n in {c.name for c in f.categorical})} string), "
               f"{len(f.dense)} dense, {len(f.multi_hot)} multi-hot")
         print(f"{a.items:,} candidates/request: " + ", ".join(f"{k} {len(v[0]) / 1024:.0f} KiB" for k, v in bodies.items() if k in formats)
-              + f"; torch threads {a.torch_threads} per process; load generator {client}; {os.cpu_count()} CPUs (shared box)")
+              + f"; torch threads {a.torch_threads} per process; load generator {client}; {os.cpu_count()} CPUs"
+              + (f"; device {torch.cuda.get_device_name()}" if a.device == "cuda" else "")
+              + (f"; serve {a.serve_args}" if a.serve_args else ""))
 
         env = {**os.environ, "RANKER_TORCH_THREADS": str(a.torch_threads)}
         env.pop("RANKER_ADMIN_TOKEN", None)
@@ -480,30 +496,33 @@ def main() -> None:
                     for sel in chosen:
                         tasks = selections[sel]
                         url = f"{base}/predict" + (f"?tasks={tasks[0]}" if tasks else "")
-                        load(client, url, payload, files[fmt], ctype, accept, 1, 10)  # warm the connection path
-                        lat1, wall1, n1 = [], 0.0, 0
-                        for _ in range(a.rounds if reference else 1):
-                            ref = inproc.measure(tasks, 50, fmt, payload) if reference else None
-                            lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, 1, n_req)
+                        if 1 in concs:
+                            load(client, url, payload, files[fmt], ctype, accept, 1, 10)  # warm the connection path
+                            lat1, wall1, n1 = [], 0.0, 0
+                            for _ in range(a.rounds if reference else 1):
+                                ref = inproc.measure(tasks, 50, fmt, payload) if reference else None
+                                lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, 1, n_req)
+                                if failed:
+                                    print(f"  !! {name} {fmt} {sel} c=1: {failed} failed requests")
+                                lat1.append(lat)
+                                wall1, n1 = wall1 + wall, n1 + len(lat)
+                                if ref is not None:
+                                    ratios.setdefault((fmt, sel), []).append((float(np.percentile(lat, 50) * 1e3), ref))
+                            lat = np.concatenate(lat1)
+                            rows.append((name, workers, fmt, sel, 1, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), n1 * a.items / wall1))
+                        for conc in (c for c in concs if c != 1):
+                            load(client, url, payload, files[fmt], ctype, accept, conc, 2 * conc)  # warm every connection
+                            lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, conc, max(n_req, 4 * conc))
                             if failed:
-                                print(f"  !! {name} {fmt} {sel} c=1: {failed} failed requests")
-                            lat1.append(lat)
-                            wall1, n1 = wall1 + wall, n1 + len(lat)
-                            if ref is not None:
-                                ratios.setdefault((fmt, sel), []).append((float(np.percentile(lat, 50) * 1e3), ref))
-                        lat = np.concatenate(lat1)
-                        rows.append((name, workers, fmt, sel, 1, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), n1 * a.items / wall1))
-                        load(client, url, payload, files[fmt], ctype, accept, 8, 16)
-                        lat, wall, failed = load(client, url, payload, files[fmt], ctype, accept, 8, max(n_req, 32))
-                        if failed:
-                            print(f"  !! {name} {fmt} {sel} c=8: {failed} failed requests")
-                        rows.append((name, workers, fmt, sel, 8, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(lat) * a.items / wall))
+                                print(f"  !! {name} {fmt} {sel} c={conc}: {failed} failed requests")
+                            rows.append((name, workers, fmt, sel, conc, float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3), len(lat) * a.items / wall))
                 if name == "ranker serve":
                     print(f"\nranker serve --workers {workers}, its own /metrics (mean per request, all runs): {server_stages(base, b.model.task_names)}")
             finally:
                 stop(proc)
 
-        serve_cmd = [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--max-items", str(max(a.items, 1)), "--log-level", "warning"]
+        serve_cmd = [sys.executable, "-m", "ranker.cli", "serve", "--bundle", str(bundle), "--max-items", str(max(a.items, 1)), "--log-level", "warning",
+                     "--device", a.device, *shlex.split(a.serve_args)]
         for i, w in enumerate(worker_counts):
             run_server("ranker serve", [*serve_cmd, "--workers", str(w)], w, formats, a.requests, reference=i == 0)
         if not a.no_baseline:
@@ -528,7 +547,7 @@ def main() -> None:
         for sel in chosen:
             for w in worker_counts:
                 for fmt in formats:
-                    for conc in (1, 8):
+                    for conc in concs:
                         f_ = get.get(("ranker serve", w, fmt, sel, conc))
                         b_ = get.get(("baseline", 1, "rows", sel, conc))
                         if f_ and b_:
@@ -536,9 +555,10 @@ def main() -> None:
         if len(worker_counts) > 1:
             for fmt in formats:
                 for sel in chosen:
-                    c8 = [get.get(("ranker serve", w, fmt, sel, 8)) for w in worker_counts]
-                    if all(c8):
-                        print(f"  c=8 {fmt:<7} tasks={sel:<3}: " + ", ".join(f"{w} workers {r[7]:,.0f}" for w, r in zip(worker_counts, c8, strict=True)) + " candidates/s")
+                    for conc in (c for c in concs if c != 1):
+                        per = [get.get(("ranker serve", w, fmt, sel, conc)) for w in worker_counts]
+                        if all(per):
+                            print(f"  c={conc} {fmt:<7} tasks={sel:<3}: " + ", ".join(f"{w} workers {r[7]:,.0f}" for w, r in zip(worker_counts, per, strict=True)) + " candidates/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -190,6 +190,10 @@ class ModelConfig(_Strict):
     specific_experts: PositiveInt = 2
     levels: PositiveInt = 1
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # in training, each row drops each whole input feature (its embedding, bag or dense value)
+    # with this probability, the others scaled by 1 / (1 - p): a model that cannot lean on any
+    # one column also learns from the weak ones (ranker.model.encoder); 0 = off
+    feature_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # cross_stitch: initial weight of a column on itself in every stitch (the rest is spread over
     # the other columns); near 1 starts close to separate networks
     stitch_self: float = Field(default=0.9, ge=0.0, le=1.0)

@@ -152,3 +152,50 @@ def test_unknown_task_is_a_clear_error() -> None:
     m = MultiTaskRanker(FEATURES, TASKS, CONFIGS["mmoe"])
     with pytest.raises(RankerError, match="unknown task 'nope'; valid: ctr, cvr, watch"):
         m(batch(), ["nope"])
+
+
+def test_feature_dropout_drops_whole_features_in_training_only() -> None:
+    from ranker.model.encoder import Encoder
+
+    # every kind of input: categoricals of two widths, a bag, a plain and two embedded numbers
+    feats = [*FEATURES[:4], FeatureSpec(name="p", type="dense", encoding="standard"), FeatureSpec(name="q", type="dense", dim=3),
+             FeatureSpec(name="r", type="dense", dim=3)]
+    widths = [4, 8, 8, 4, 1, 3, 3]  # output blocks in order: dim-4 table (c), dim-8 table (u, v), bag t, plain p, embedded q, r
+    p = 0.25
+    torch.manual_seed(0)
+    enc = Encoder(feats, ModelConfig(feature_dropout=p))
+    with torch.no_grad():  # embedded numbers away from ReLU's zero, so a dropped one can be told
+        for m in enc.numeric:
+            m.bias.fill_(1.0)
+    off = Encoder(feats, ModelConfig())
+    off.load_state_dict(enc.state_dict())
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    b = {
+        "cat": torch.stack([torch.randint(1, 51, (n,), generator=g), torch.randint(1, 11, (n,), generator=g), torch.randint(1, 11, (n,), generator=g)], 1),
+        "dense": torch.randn(n, 3, generator=g),
+        "bag:t": torch.randint(0, 21, (n, 3), generator=g),
+    }
+    enc.eval()
+    full = enc(b)
+    assert torch.equal(full, off.eval()(b))  # evaluation and serving: every feature, unscaled
+    enc.train()
+    out = enc(b)
+    dropped = []
+    start = 0
+    for w in widths:
+        blk, ref = out[:, start : start + w], full[:, start : start + w]
+        live = (ref != 0).any(1)  # rows where this feature says something (a ReLU can give all zeros)
+        gone = (blk == 0).all(1) & live
+        kept = ~gone
+        # a kept feature is scaled as a whole by 1 / (1 - p); a dropped one is zero in all its values
+        torch.testing.assert_close(blk[kept], ref[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+        assert live.float().mean() > 0.3
+        dropped.append((gone.sum() / live.sum()).item())
+        start += w
+    assert start == enc.out_dim
+    # each feature of each row drawn apart: ~p dropped per feature (4000 rows: +-0.03 is > 4 sigma)
+    assert all(abs(d - p) < 0.03 for d in dropped), dropped
+    assert not torch.equal(enc(b), enc(b))  # a new draw per forward
+    with pytest.raises(ValueError, match="feature_dropout"):
+        ModelConfig(feature_dropout=1.0)

@@ -30,6 +30,12 @@ class Encoder(nn.Module):
     one batched module per (encoding, dim) group (``ranker.model.numeric``). With
     ``cfg.cross_layers`` the concatenation goes through DCN-v2 cross layers, width unchanged.
 
+    With ``cfg.feature_dropout`` p > 0, training drops whole features: each row zeroes each
+    feature's part of the output (all ``dim`` values of an embedding or bag, or one plain dense
+    value) with probability p and scales the kept ones by 1 / (1 - p); evaluation and serving
+    see every feature, unscaled. Unlike dropout on single units, a dropped feature is gone for
+    that row, so the model must also learn what the other, weaker columns say.
+
     Args:
         features: the encoder's features in config order (the featurizer's column order;
             bias features are not among them).
@@ -84,7 +90,14 @@ class Encoder(nn.Module):
         width = sum(f.dim for f in cats) + sum(f.dim for f in features if f.type == "multi_hot")  # type: ignore[misc]
         width += len(plain) + sum(f.dim for f in dense if f.embedded)  # type: ignore[misc]
         self.out_dim = width
+        self.feature_dropout = cfg.feature_dropout
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
+
+    def _drop_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n features, width) with each (row, feature) kept with probability 1 - p and
+        scaled by 1 / (1 - p), or zeroed: one mask value per feature, not per unit."""
+        keep = torch.nn.functional.dropout(x.new_ones(x.shape[0], x.shape[1], 1), self.feature_dropout, training=True)
+        return x * keep
 
     def sparse_tables(self) -> list[nn.Parameter]:
         """Switch the categorical tables and bags to row-sparse gradients (only the rows a batch
@@ -98,19 +111,25 @@ class Encoder(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
         cat = batch["cat"]  # (B, n_cat)
+        drop = self._drop_features if self.training and self.feature_dropout > 0 else None
         for g, table in enumerate(self.tables):
             ids = cat[:, getattr(self, f"cols{g}")] + getattr(self, f"offsets{g}")  # (B, n_g)
-            parts.append(table(ids).flatten(1))  # (B, n_g * dim)
+            e = table(ids)  # (B, n_g, dim)
+            parts.append((drop(e) if drop else e).flatten(1))  # (B, n_g * dim)
         for name, bag in self.bags.items():
-            parts.append(bag(batch[f"bag:{name}"]))  # (B, dim)
+            e = bag(batch[f"bag:{name}"])  # (B, dim)
+            parts.append(drop(e.unsqueeze(1)).squeeze(1) if drop else e)
         if self.n_dense:
             dense = batch["dense"]  # (B, n_dense)
             if self.all_plain:
-                parts.append(dense)
+                parts.append(drop(dense.unsqueeze(2)).squeeze(2) if drop else dense)
             else:
                 if len(self.plain_cols):
-                    parts.append(dense[:, self.plain_cols])  # (B, n_plain)
+                    plain = dense[:, self.plain_cols]  # (B, n_plain)
+                    parts.append(drop(plain.unsqueeze(2)).squeeze(2) if drop else plain)
                 for g, emb in enumerate(self.numeric):
-                    parts.append(emb(dense[:, getattr(self, f"numeric_cols{g}")]))  # (B, n_g * dim)
+                    cols = getattr(self, f"numeric_cols{g}")
+                    e = emb(dense[:, cols])  # (B, n_g * dim)
+                    parts.append(drop(e.reshape(e.shape[0], len(cols), -1)).flatten(1) if drop else e)
         x = torch.cat(parts, dim=1)  # (B, out_dim)
         return self.cross(x) if self.cross is not None else x
