@@ -93,11 +93,14 @@ class Encoder(nn.Module):
         self.feature_dropout = cfg.feature_dropout
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_rank) if cfg.cross_layers else None
 
-    def _drop_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, n features, width) with each (row, feature) kept with probability 1 - p and
-        scaled by 1 / (1 - p), or zeroed: one mask value per feature, not per unit."""
-        keep = torch.nn.functional.dropout(x.new_ones(x.shape[0], x.shape[1], 1), self.feature_dropout, training=True)
-        return x * keep
+    def _drop(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """x (B, n features * width, feature-major) with each (row, feature) kept with
+        probability 1 - p and scaled by 1 / (1 - p), or zeroed (``feature_dropout``, training
+        only): one mask value per feature, not per unit."""
+        if not (self.training and self.feature_dropout > 0):
+            return x
+        keep = torch.nn.functional.dropout(x.new_ones(x.shape[0], n, 1), self.feature_dropout, training=True)
+        return (x.reshape(x.shape[0], n, -1) * keep).reshape(x.shape)
 
     def sparse_tables(self) -> list[nn.Parameter]:
         """Switch the categorical tables and bags to row-sparse gradients (only the rows a batch
@@ -109,27 +112,22 @@ class Encoder(nn.Module):
         return [m.weight for m in mods]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
+        parts = []  # (B, n features * their width) each; _drop needs n
         cat = batch["cat"]  # (B, n_cat)
-        drop = self._drop_features if self.training and self.feature_dropout > 0 else None
         for g, table in enumerate(self.tables):
             ids = cat[:, getattr(self, f"cols{g}")] + getattr(self, f"offsets{g}")  # (B, n_g)
-            e = table(ids)  # (B, n_g, dim)
-            parts.append((drop(e) if drop else e).flatten(1))  # (B, n_g * dim)
+            parts.append(self._drop(table(ids).flatten(1), ids.shape[1]))  # (B, n_g * dim)
         for name, bag in self.bags.items():
-            e = bag(batch[f"bag:{name}"])  # (B, dim)
-            parts.append(drop(e.unsqueeze(1)).squeeze(1) if drop else e)
+            parts.append(self._drop(bag(batch[f"bag:{name}"]), 1))  # (B, dim)
         if self.n_dense:
             dense = batch["dense"]  # (B, n_dense)
             if self.all_plain:
-                parts.append(drop(dense.unsqueeze(2)).squeeze(2) if drop else dense)
+                parts.append(self._drop(dense, self.n_dense))
             else:
                 if len(self.plain_cols):
-                    plain = dense[:, self.plain_cols]  # (B, n_plain)
-                    parts.append(drop(plain.unsqueeze(2)).squeeze(2) if drop else plain)
+                    parts.append(self._drop(dense[:, self.plain_cols], len(self.plain_cols)))  # (B, n_plain)
                 for g, emb in enumerate(self.numeric):
                     cols = getattr(self, f"numeric_cols{g}")
-                    e = emb(dense[:, cols])  # (B, n_g * dim)
-                    parts.append(drop(e.reshape(e.shape[0], len(cols), -1)).flatten(1) if drop else e)
+                    parts.append(self._drop(emb(dense[:, cols]), len(cols)))  # (B, n_g * dim)
         x = torch.cat(parts, dim=1)  # (B, out_dim)
         return self.cross(x) if self.cross is not None else x
