@@ -244,7 +244,12 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
         assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).status_code == 200  # the other worker serves
         current.unlink()
         current.symlink_to(shared_bottom_bundle())  # fixed: the next replacement starts and stays
+        # (a scrape first: it drops the killed worker's live gauge, which would count as a second worker)
+        wait_for(lambda: bool(scrape(url)) and len(live_gauge_pids(mdir)) == 2 and len(live_gauge_pids(mdir) - live) == 1)
         wait_all_ready(url, mdir, 2)
+        # feedback version tables: one per live worker; the replaced and the killed workers'
+        # were pruned by the worker that started after they died
+        assert {int(f.stem.split("-")[1]) for f in mdir.glob("versions-*.json")} == live_gauge_pids(mdir)
     log = (tmp_path / "serve.log").read_text()
     assert "did not start (exit code" in log and aborted_after < 100, (aborted_after, log[-2000:])
     assert "warm and ready" in log  # the workers' own ranker.serving lines reach the log

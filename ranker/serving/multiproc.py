@@ -69,25 +69,44 @@ def clear_dir(path: Path) -> None:
 
 def publish_versions(path: Path, versions: Mapping[str, Mapping[str, TaskRef]]) -> None:
     """Write this worker's feedback version table (version -> task -> type and reference
-    edges) where the workers that replace it read it (``earlier_versions``)."""
+    edges) where the workers that replace it read it (``earlier_versions``), then remove the
+    tables of dead workers: this one holds what they held (it read them first), so a server
+    rolled N times keeps one table per live worker, not one per worker it ever ran."""
     doc = {v: {t: [ref.type, ref.edges.tolist()] for t, ref in tasks.items()} for v, tasks in versions.items()}
     tmp = path / f".versions-{os.getpid()}.tmp"
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path / f"versions-{os.getpid()}.json")  # a reader sees the whole file or none
+    for f, pid in _version_files(path):
+        if pid != os.getpid() and not _alive(pid):
+            f.unlink(missing_ok=True)
+
+
+def _version_files(path: Path) -> list[tuple[Path, int]]:
+    return [(f, int(m["pid"])) for f in path.iterdir() if (m := _VERSIONS.fullmatch(f.name))]
 
 
 def earlier_versions(path: Path) -> list[tuple[str, dict[str, TaskRef]]]:
     """The model versions other workers of this server accepted feedback for, oldest file
     first: a SIGHUP roll onto a new bundle must not make the labels still arriving for the
     version it replaced ``unknown_model_version``, as ``/admin/reload`` does not with one
-    process (the recorder keeps the last ``KEEP_VERSIONS`` of them)."""
-    files = [f for f in path.iterdir() if (m := _VERSIONS.fullmatch(f.name)) and int(m["pid"]) != os.getpid()]
+    process (the recorder keeps the last ``KEEP_VERSIONS`` of them). A table removed while
+    this reads was pruned by a worker that published the merged table first, so a vanished
+    file means: list again."""
+    for _ in range(5):
+        files = []
+        for f, pid in _version_files(path):
+            if pid == os.getpid():
+                continue
+            try:
+                files.append((f.stat().st_mtime, json.loads(f.read_text())))
+            except FileNotFoundError:
+                break
+            except (OSError, ValueError):  # unreadable: skip this table, keep the others
+                continue
+        else:
+            break
     out = []
-    for f in sorted(files, key=lambda f: f.stat().st_mtime):
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, ValueError):  # removed meanwhile
-            continue
+    for _, doc in sorted(files, key=lambda x: x[0]):
         out += [(v, {t: TaskRef(ty, np.asarray(e, dtype=np.float64)) for t, (ty, e) in tasks.items()}) for v, tasks in doc.items()]
     return out
 
