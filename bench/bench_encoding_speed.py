@@ -2,10 +2,12 @@
 interleaved so that a busy machine slows both sides alike.
 
     python bench/bench_encoding_speed.py [--rounds 5] [--threads 1] [--encoding piecewise_linear] [--bins N]
+    python bench/bench_encoding_speed.py --baseline-encoding piecewise_linear --feature-dropout 0.1
 
 The model and data are bench_train_speed's (census train split, MMoE 8 x [128, 64], towers [32],
 embedding dim 16, batch 1024). Side A is every dense feature standardised (log1p for money), as
-the trainer did before encodings existed; side B puts them on ``--encoding``. Each round times,
+the trainer did before encodings existed (or on ``--baseline-encoding``); side B puts them on
+``--encoding``, with ``--feature-dropout`` as its ``model.feature_dropout``. Each round times,
 A then B, (1) featurizing every train record batch and (2) 20 optimisation steps on
 pre-featurized batches. Prints rows/s per side and the median over rounds of B's time / A's time.
 """
@@ -34,8 +36,9 @@ from ranker.training.weighting import StepContext, build_weighting  # noqa: E402
 STEPS = 20
 
 
-def side(out: Path, encoding: str | None, bins: int | None = None) -> dict:
+def side(out: Path, encoding: str | None, bins: int | None = None, feature_dropout: float = 0.0) -> dict:
     raw = speed_config(out, encoding)
+    raw["model"] = {**raw["model"], "feature_dropout": feature_dropout}
     if bins is not None:  # bins of every embedded dense feature
         raw["features"] = [{**f, "bins": bins} if f["type"] == "dense" and "encoding" in f else f for f in raw["features"]]
     cfg = parse_config(raw)
@@ -82,13 +85,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--encoding", default="piecewise_linear")
     ap.add_argument("--bins", type=int, default=None, help="side B's bins per dense feature (default: the encoding's default)")
+    ap.add_argument("--baseline-encoding", default=None, help="side A's encoding (default: the old standardisation)")
+    ap.add_argument("--feature-dropout", type=float, default=0.0, help="side B's model.feature_dropout")
     ap.add_argument("--data", default=str(census.ROOT / "bench" / "out" / "census"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.data)
     if not (out / "config.yaml").is_file():
         census.prepare(out)
-    a, b = side(out, None), side(out, args.encoding, args.bins)
+    a, b = side(out, args.baseline_encoding), side(out, args.encoding, args.bins, args.feature_dropout)
+    name_a = args.baseline_encoding or "standard"
+    name_b = args.encoding + (f"+fd{args.feature_dropout:g}" if args.feature_dropout else "")
     rows = sum(rb.num_rows for rb in a["batches"])
     step_seconds(a), step_seconds(b)  # warm-up
     times: dict[str, list[float]] = {"fa": [], "fb": [], "sa": [], "sb": []}
@@ -102,8 +109,8 @@ def main() -> int:
     ratio_s = statistics.median(sb / sa for sa, sb in zip(times["sa"], times["sb"], strict=True))
     n_step = STEPS * 1024
     print(f"threads {torch.get_num_threads()}; encoder width A {a['width']} / B {b['width']}; {args.rounds} interleaved rounds")
-    print(f"featurize  A standard {rows / med['fa']:10,.0f} rows/s | B {args.encoding} {rows / med['fb']:10,.0f} rows/s | B/A time {ratio_f:.3f}")
-    print(f"train step A standard {n_step / med['sa']:10,.0f} rows/s | B {args.encoding} {n_step / med['sb']:10,.0f} rows/s | B/A time {ratio_s:.3f}")
+    print(f"featurize  A {name_a} {rows / med['fa']:10,.0f} rows/s | B {name_b} {rows / med['fb']:10,.0f} rows/s | B/A time {ratio_f:.3f}")
+    print(f"train step A {name_a} {n_step / med['sa']:10,.0f} rows/s | B {name_b} {n_step / med['sb']:10,.0f} rows/s | B/A time {ratio_s:.3f}")
     # the trainer featurizes in a background thread, overlapped with steps; a step-bound
     # estimate of the whole loop is the slower of the two per row
     per_row_a = max(med["fa"] / rows, med["sa"] / n_step)
