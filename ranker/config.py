@@ -268,6 +268,9 @@ class CAGradParams(GradientParams):
 class FAMOParams(_Strict):
     lr: float = Field(default=0.025, gt=0)  # step size of the task logits
     gamma: float = Field(default=1e-3, ge=0)  # weight decay on the task logits
+    # where each step's "after" losses come from: the next batch's losses (free, one step of
+    # lag) or a second forward on the same batch once the optimiser has stepped (the paper's)
+    after_loss: Literal["next_batch", "same_batch"] = "next_batch"
 
 
 class WeightingParams(_Strict):

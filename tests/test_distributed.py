@@ -253,12 +253,15 @@ def _kill_after_checkpoint(proc: subprocess.Popen, folder: Path, count: int) -> 
 
 # cosine: the learning rate changes every step, so a resume must restart at the right one
 # sparse: SparseAdam's per-row moments and step count come back from the checkpoint too
+# famo with same_batch: the extra forward after each step draws dropout masks too (the
+# next_batch default is resumed in test_sources)
 @pytest.mark.parametrize(("weighting", "schedule", "sparse"), [("famo", "constant", False), ("pcgrad", "cosine", False),
                                                                ("uncertainty", "constant", True)])
 def test_sigkill_and_resume_give_byte_identical_weights(tmp_path: Path, weighting: str, schedule: str, sparse: bool) -> None:
     ck = tmp_path / "ck"
+    params = {"famo": {"after_loss": "same_batch"}} if weighting == "famo" else {}
     cfg = _config(tmp_path, weighting=weighting, epochs=3, batch_size=64, checkpoint={"dir": str(ck), "every_steps": 7, "keep": 2},
-                  lr_schedule={"type": schedule}, sparse_embeddings=sparse)
+                  lr_schedule={"type": schedule}, sparse_embeddings=sparse, weighting_params=params)
     raw = yaml.safe_load(cfg.read_text())
     raw["model"]["dropout"] = 0.2  # the RNG state must come back too
     cfg.write_text(yaml.safe_dump(raw))

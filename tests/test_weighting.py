@@ -15,6 +15,7 @@ from torch import nn
 from ranker.config import (
     CAGradParams,
     DWAParams,
+    FAMOParams,
     GradientParams,
     GradNormParams,
     MGDAParams,
@@ -247,6 +248,59 @@ def test_famo_decreases_all_losses_at_the_same_rate_in_log_space() -> None:
     assert plain[0] / plain[1] > 5  # the steep task runs away under a plain sum
     assert 0.5 < famo[0] / famo[1] < 2.0  # FAMO: comparable rates
     assert (famo > 0.5).all()  # and both actually decrease
+
+
+def test_famo_same_batch_updates_from_the_after_losses_of_the_same_step() -> None:
+    """``after_loss: same_batch``: the logits move once per step, from log L(before) - log
+    L(after) of that step (the paper's update); ``next_batch`` never asks for the extra
+    forward and moves them from one step's losses to the next's."""
+    theta = nn.Parameter(torch.tensor([1.0, 1.0]))
+    losses = {"a": 4 * theta[0] ** 2 + 1e-3, "b": theta[1] ** 2 + 1e-3}
+    same = FAMO(_tasks("a", "b"), FAMOParams(after_loss="same_batch", gamma=0.0))
+    same.backward(losses, StepContext(shared=[theta]))
+    assert torch.equal(same.xi.detach(), torch.zeros(2))  # nothing until the step is known
+    same.after_step(lambda: {"a": 0.5, "b": 0.9})
+    # the update is an Adam step on the gradient J_softmax(xi)^T delta, delta = log(before / after)
+    delta = torch.tensor([math.log(4.001 / 0.5), math.log(1.001 / 0.9)])
+    z = torch.softmax(torch.zeros(2), 0)
+    grad = z * (delta - (z * delta).sum())
+    want = -FAMOParams().lr * torch.sign(grad)  # Adam's first step: lr in the gradient's sign
+    np.testing.assert_allclose(same.xi.detach().numpy(), want.numpy(), rtol=1e-4)
+    assert same.xi[0] < same.xi[1]  # the task whose log-loss fell more gets less weight next
+
+    nxt = FAMO(_tasks("a", "b"))
+    nxt.backward({"a": 4 * theta[0] ** 2 + 1e-3, "b": theta[1] ** 2 + 1e-3}, StepContext(shared=[theta]))
+    nxt.after_step(lambda: pytest.fail("next_batch must not run the extra forward"))
+    assert torch.equal(nxt.xi.detach(), torch.zeros(2))
+
+
+def test_trainer_gives_famo_the_same_batch_losses_after_the_step(tmp_path) -> None:  # noqa: ANN001
+    """Through the real trainer: with ``same_batch`` every step calls the extra forward once
+    and its losses are those of the same batch under the updated weights (lower than before
+    the step on average), and the run trains."""
+    from ranker.training.trainer import Trainer
+
+    path = write_logs(tmp_path, rows=600, train={"epochs": 1, "batch_size": 64, "weighting": "famo",
+                                                 "weighting_params": {"famo": {"after_loss": "same_batch"}}})
+    cfg = load_config(path)
+    pairs: list[tuple[dict, dict]] = []
+    original = FAMO.after_step
+
+    def spy(self: FAMO, losses_after) -> None:  # noqa: ANN001
+        before = dict(self.prev)
+        after = losses_after()
+        pairs.append((before, after))
+        original(self, lambda: after)
+
+    FAMO.after_step = spy
+    try:
+        Trainer(cfg, progress=False).run(tmp_path / "bundle")
+    finally:
+        FAMO.after_step = original
+    assert len(pairs) == math.ceil(600 / 64)  # one call a step
+    assert all(set(a) == set(b) and all(math.isfinite(v) for v in b.values()) for a, b in pairs)
+    gain = [math.log(a[t]) - math.log(b[t]) for a, b in pairs for t in a]
+    assert np.mean(gain) > 0  # the step lowered the loss it descended, measured on its own batch
 
 
 # ----- the shared contract: any subset of tasks, heads keep their own gradient -------------------

@@ -3,6 +3,7 @@ weighting by name."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -323,6 +324,18 @@ class Trainer:
         if watched and all(undefined(t) for t in watched):
             raise RankerError(self._undefined_monitor(sources, {t: {} for t in watched}))
 
+    @staticmethod
+    def _losses_after(model: MultiTaskRanker, batch: dict[str, torch.Tensor], tasks: list[str], types: dict[str, str],
+                      counts: dict[str, float], autocast: torch.autocast, ranks: Collective) -> dict[str, float]:
+        """The step's task losses again, on the same batch under the parameters the optimiser
+        just wrote (global values, as ``StepContext.values``); for ``Weighting.after_step``.
+        The model stays in training mode, as for the losses the step descended."""
+        with torch.no_grad(), autocast:
+            after = task_losses(model, types, model(batch, tasks), batch, counts)
+        if not after:
+            return {}
+        return dict(zip(after, ranks.sum(torch.stack(list(after.values())).float()).tolist(), strict=True))
+
     def evaluate_sources(self, model: MultiTaskRanker, parts: list[tuple[Loader, list[TaskSpec], list[Unit]]]) -> EvalResult:
         """Each source's tasks on that source's split (a task is measured on its own data only);
         one result in config task order."""
@@ -535,7 +548,8 @@ class Trainer:
                 with autocast:
                     raw = model(batch, tasks)
                     types = {t: ty for t, ty in self.loss_types.items() if t in tasks}
-                    losses = task_losses(model, types, raw, batch, dict(zip(loss_tasks, counts[2:], strict=True)))
+                    loss_counts = dict(zip(loss_tasks, counts[2:], strict=True))
+                    losses = task_losses(model, types, raw, batch, loss_counts)
                 pg.batches = i + 1
                 if losses:
                     values = dict(zip(losses, ranks.sum(torch.stack([v.detach() for v in losses.values()])).tolist(), strict=True))
@@ -561,6 +575,7 @@ class Trainer:
                     else:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
+                    weighting.after_step(functools.partial(self._losses_after, model, batch, tasks, types, loss_counts, autocast, ranks))
                     pg.step += 1
                     pg.rows += int(counts[0])
                     for t, v in values.items():

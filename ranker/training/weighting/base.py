@@ -12,7 +12,7 @@ gradient only. All methods see the same ``StepContext``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +73,11 @@ class Weighting(nn.Module):
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         """Backpropagate; returns the weight applied to each task's loss (for logging)."""
         raise NotImplementedError
+
+    def after_step(self, losses_after: Callable[[], dict[str, float]]) -> None:
+        """Called once the optimiser has stepped. ``losses_after()`` gives the global loss of
+        each task of this step on the same batch under the updated parameters: one more
+        forward, paid only by a method that calls it. Nothing by default."""
 
 
 class LossWeighting(Weighting):

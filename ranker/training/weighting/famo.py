@@ -4,14 +4,15 @@ The model descends sum_t z_t log L_t / c with z = softmax(xi) and c = sum_t z_t 
 loss weights z_t / (c L_t). The task logits xi are then updated so that the next step
 decreases every log-loss at the same rate: with delta_t = log L_t(before) - log L_t(after),
 xi receives the gradient J_softmax(xi)^T delta and takes an Adam step with weight decay
-``gamma``. The paper measures "after" with a second forward pass on the same batch; here it is
-the next batch's loss (no extra forward, one step of lag: an unbiased but noisier estimate).
+``gamma``. The paper measures "after" with a second forward pass on the same batch
+(``after_loss: same_batch``, through ``Weighting.after_step``); by default it is the next
+batch's loss (``next_batch``: no extra forward, one step of lag, a noisier estimate).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,9 +32,11 @@ class FAMO(LossWeighting):
         self.xi = torch.zeros(len(self.tasks), requires_grad=True)
         self.opt = torch.optim.Adam([self.xi], lr=params.lr, weight_decay=params.gamma)
         self.prev: dict[str, float] = {}
+        self.same_batch = params.after_loss == "same_batch"
 
     def update(self, losses: dict[str, float]) -> None:
-        """One step of the task logits from the loss change since the previous call."""
+        """One step of the task logits from the loss change since ``prev``; ``losses`` become
+        the next ``prev``."""
         common = [t for t in losses if t in self.prev]
         if len(common) >= 2:
             idx = torch.tensor([self.index[t] for t in common])
@@ -47,7 +50,10 @@ class FAMO(LossWeighting):
 
     def combine(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         values = ctx.loss_values(losses)  # global loss values
-        self.update(values)
+        if self.same_batch:
+            self.prev = dict(values)  # "before"; after_step brings "after" on this batch
+        else:
+            self.update(values)  # this batch's losses are "after" of the previous step
         idx = torch.tensor([self.index[t] for t in losses])
         z = torch.softmax(self.xi.detach()[idx], 0)  # (T,)
         loss = torch.stack(list(losses.values()))  # (T,)
@@ -57,6 +63,10 @@ class FAMO(LossWeighting):
         # written as w . L it is linear in the losses, so ranks' shares of L add up exactly
         total = (w.to(loss.device) * loss).sum()
         return total, {t: float(wi) for t, wi in zip(losses, w, strict=True)}
+
+    def after_step(self, losses_after: Callable[[], dict[str, float]]) -> None:
+        if self.same_batch:
+            self.update(losses_after())
 
     def get_extra_state(self) -> dict:
         """Task logits, their optimiser and the previous losses, for an exact resume."""
