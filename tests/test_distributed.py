@@ -151,14 +151,16 @@ def test_histogram_auc_against_pair_count() -> None:
 # tables densely (the method's combined direction), with uncertainty straight from the lookups
 @pytest.mark.parametrize(("architecture", "weighting", "sparse"), [
     ("shared_bottom", "pcgrad", False), ("mmoe", "mgda", False), ("ple", "gradnorm", False),
-    ("mmoe", "pcgrad", True), ("shared_bottom", "uncertainty", True)])
+    ("mmoe", "pcgrad", True), ("shared_bottom", "uncertainty", True), ("mmoe", "famo", False)])
 def test_two_ranks_see_one_process_batches_and_match_its_parameters(tmp_path: Path, architecture: str, weighting: str, sparse: bool) -> None:
     """sharding: batches gives 2 ranks exactly the batches of one process. With a masked task
     (cvr) and a gradient method — PCGrad on the shared parameters (task gradients summed over
     ranks), MGDA-UB and GradNorm on the representation (Gram matrices summed) — the weights
-    agree to rounding; so they do with ``sparse_embeddings``. The featurizer, fitted on half
+    agree to rounding; so they do with ``sparse_embeddings``, and with FAMO's same-batch
+    update (its second forward's losses summed over ranks). The featurizer, fitted on half
     the train rows per rank and merged, is one process's: the same bin edges, the same moments."""
-    cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2, sparse_embeddings=sparse)
+    params = {"famo": {"after_loss": "same_batch"}} if weighting == "famo" else {}
+    cfg_path = _config(tmp_path, sharding="batches", weighting=weighting, epochs=2, sparse_embeddings=sparse, weighting_params=params)
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model"]["architecture"] = architecture
     raw["features"].append({"name": "price_bins", "column": "price", "type": "dense"})  # piecewise_linear: a sketch
