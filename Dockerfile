@@ -46,8 +46,9 @@ WORKDIR /home/ranker
 EXPOSE 8000
 # python + urllib: the slim image has no curl. urlopen raises on a non-2xx answer -> exit 1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-# sh -c so ${RANKER_BUNDLE} expands at run time; exec so ranker is PID 1 and gets SIGTERM;
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RANKER_PORT', '8000'), timeout=4)"]
+# sh -c so ${RANKER_BUNDLE}, ${RANKER_HOST} and ${RANKER_PORT} expand at run time (set the port
+# with -e RANKER_PORT=..., which the HEALTHCHECK reads too); exec so ranker is PID 1 and gets SIGTERM;
 # "$@" appends `docker run` / k8s `args` (e.g. --device cuda) to the command.
-ENTRYPOINT ["/bin/sh", "-c", "exec ranker serve --bundle \"${RANKER_BUNDLE:-/bundle}\" --host 0.0.0.0 --port 8000 \"$@\"", "ranker"]
+ENTRYPOINT ["/bin/sh", "-c", "exec ranker serve --bundle \"${RANKER_BUNDLE:-/bundle}\" --host \"${RANKER_HOST:-0.0.0.0}\" --port \"${RANKER_PORT:-8000}\" \"$@\"", "ranker"]
 CMD []

@@ -386,6 +386,9 @@ def test_dockerfile_starts_ranker_serve(docker_commands: tuple[Any, ...], tmp_pa
     assert _run_entrypoint(argv, tmp_path, {"RANKER_BUNDLE": "/models/b 1"}, []) == [
         "serve", "--bundle", "/models/b 1", "--host", "0.0.0.0", "--port", str(PORT),
     ]  # fmt: skip
+    assert _run_entrypoint(argv, tmp_path, {"RANKER_PORT": "9100", "RANKER_HOST": "::"}, []) == [
+        "serve", "--bundle", "/bundle", "--host", "::", "--port", "9100",
+    ]  # fmt: skip
     # `docker run IMAGE --device cuda` and k8s `args:` append to the command
     assert _run_entrypoint(argv, tmp_path, {}, ["--device", "cuda"]) == [*serve, "--device", "cuda"]
     final = _final_stage(docker_commands)
@@ -406,22 +409,21 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 def test_dockerfile_healthcheck_hits_healthz(docker_commands: tuple[Any, ...]) -> None:
+    """The check probes /healthz on the port the entrypoint serves on: RANKER_PORT (here a
+    stand-in server's free port), else the image's default."""
     hc = _one(_final_stage(docker_commands), "HEALTHCHECK")
     assert hc.json and hc.value[0] == "CMD" and hc.value[1] == "python"
-    url = f"http://127.0.0.1:{PORT}{HEALTH}"
-    assert url in hc.value[-1]
+    assert f"{HEALTH}' %" in hc.value[-1]
+    assert f"os.environ.get('RANKER_PORT', '{PORT}')" in hc.value[-1]  # the entrypoint's default port
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
-    argv = [
-        sys.executable,
-        *hc.value[2:-1],
-        hc.value[-1].replace(url, f"http://127.0.0.1:{port}{HEALTH}"),
-    ]
+    argv = [sys.executable, *hc.value[2:]]
+    env = {k: v for k, v in os.environ.items() if k != "RANKER_PORT"}
     try:
         for status, healthy in ((200, True), (503, False)):
             _Health.status = status
-            rc = subprocess.run(argv, capture_output=True, timeout=30).returncode
+            rc = subprocess.run(argv, capture_output=True, timeout=30, env={**env, "RANKER_PORT": str(port)}).returncode
             assert (rc == 0) == healthy, (status, rc)
     finally:
         server.shutdown()
