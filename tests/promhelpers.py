@@ -55,6 +55,7 @@ CONTRACT_COUNTERS = (
     # POST /feedback: delayed labels of served scores (ranker/serving/feedback.py)
     "ranker_feedback_events_total",
     "ranker_feedback_invalid_requests_total",
+    "ranker_feedback_requests_total",
     "ranker_feedback_labelled_total",
     "ranker_feedback_label_total",
     "ranker_feedback_score_total",

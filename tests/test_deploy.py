@@ -812,6 +812,7 @@ class _FakeRanker:
             [([t, "accepted"], (sum(pos) + sum(neg)) * n) for t in tasks] + [([t, "bad_label"], n) for t in tasks],
         )
         yield counter("ranker_feedback_invalid_requests_total", ["reason"], [(["bad_json"], n)])
+        yield counter("ranker_feedback_requests_total", ["status"], [(["2xx"], 20 * n), (["4xx"], n), (["5xx"], n), (["client_closed"], 0)])
         yield counter("ranker_feedback_labelled_total", tv, [([t, "v1"], (sum(pos) + sum(neg)) * n) for t in tasks])
         yield counter("ranker_feedback_label_total", tv, [([t, "v1"], sum(pos) * n) for t in tasks])
         yield counter("ranker_feedback_score_total", tv, [([t, "v1"], FAKE_SCORE_SUM * n) for t in tasks])

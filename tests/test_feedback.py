@@ -288,6 +288,34 @@ def test_whole_requests_refused_with_a_4xx(bundle_path: Path) -> None:
         assert s.post([]).json() == {"accepted": 0, "rejected": {}}
 
 
+def test_feedback_answers_are_counted_by_status_class(bundle_path: Path, offline: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ranker_feedback_requests_total{status}: every /feedback answer, a server failure (labels
+    lost) included; /predict's ranker_requests_total does not count them, nor they it."""
+    registry = CollectorRegistry()
+    app = create_app(ServingSettings(bundle=bundle_path, device="cpu", warmup_rows=16, feedback_token=TOKEN), registry=registry)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        s = Served(client, registry)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert {st: s.value("ranker_feedback_requests_total", status=st) for st in ("2xx", "4xx", "5xx", "client_closed")} == \
+            {"2xx": 0, "4xx": 0, "5xx": 0, "client_closed": 0}  # fmt: skip
+        event = [{"model_version": offline.version, "task": "ctr", "score": 0.5, "label": 0}]
+        assert s.post(event, **auth).status_code == 200
+        assert s.post(event).status_code == 401
+        assert s.post(b'{"events": [', **auth).status_code == 422
+        assert client.post("/predict", json={"items": [{}]}).status_code == 200
+
+        def broken(body: bytes) -> None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(app.state.serving.feedback, "record", broken)
+        assert s.post(event, **auth).status_code == 500
+        assert s.value("ranker_feedback_requests_total", status="2xx") == 1
+        assert s.value("ranker_feedback_requests_total", status="4xx") == 2
+        assert s.value("ranker_feedback_requests_total", status="5xx") == 1
+        assert s.value("ranker_requests_total", status="2xx") == 1  # the one /predict
+        assert s.value("ranker_requests_total", status="5xx") == 0
+
+
 def test_feedback_token(bundle_path: Path, offline: Bundle) -> None:
     event = [{"model_version": offline.version, "task": "ctr", "score": 0.5, "label": 0}]
     with serve(bundle_path, feedback_token=TOKEN) as s:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -40,7 +40,6 @@ from ranker.serving.deps import (
 )
 from ranker.serving.errors import REASONS, ServingError
 from ranker.serving.feedback import FEEDBACK_PATH
-from ranker.serving.metrics import ServingMetrics
 from ranker.serving.openapi import bundle_openapi
 from ranker.serving.predictor import load_model
 from ranker.serving.schemas import (
@@ -118,8 +117,17 @@ async def feedback(state: State, body: Body) -> FeedbackResponse:
     return FeedbackResponse.model_validate(await anyio.to_thread.run_sync(state.feedback.record, body))
 
 
-class PredictMetricsMiddleware:
-    """Counts /predict responses by status class and times them up to the last body byte
+class RequestCounter(Protocol):
+    """What the middleware reports one answered (or abandoned) request to."""
+
+    def request_done(self, status: int, seconds: float) -> None: ...
+
+    def request_abandoned(self) -> None: ...
+
+
+class RequestMetricsMiddleware:
+    """Counts the answers of each path in ``by_path`` (/predict, /feedback) by status class and
+    times them up to the last body byte
     (background bookkeeping after that is not the caller's wait), including 413/422 answers
     and failures that never reach a handler (a raw ASGI middleware: no per-request task).
 
@@ -128,11 +136,12 @@ class PredictMetricsMiddleware:
     the body reader raises for it ends here rather than in an error log.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, by_path: dict[str, RequestCounter]) -> None:
+        self.app, self.by_path = app, by_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
+        metrics = self.by_path.get(scope["path"]) if scope["type"] == "http" else None
+        if metrics is None:
             await self.app(scope, receive, send)
             return
         start, status, end = time.perf_counter(), 500, None  # an exception before the response counts as 5xx
@@ -156,17 +165,17 @@ class PredictMetricsMiddleware:
             await self.app(scope, watch_receive, send_status)
         except ClientDisconnect:
             if started:
-                self.metrics.request_done(status, time.perf_counter() - start)
+                metrics.request_done(status, time.perf_counter() - start)
                 raise
-            self.metrics.request_abandoned()
+            metrics.request_abandoned()
             return
         except BaseException:
             if disconnected and not started:
-                self.metrics.request_abandoned()
+                metrics.request_abandoned()
             else:
-                self.metrics.request_done(status, time.perf_counter() - start)
+                metrics.request_done(status, time.perf_counter() - start)
             raise
-        self.metrics.request_done(status, (end or time.perf_counter()) - start)
+        metrics.request_done(status, (end or time.perf_counter()) - start)
 
 
 async def _serving_error(request: Request, exc: Exception) -> JSONResponse:
@@ -213,7 +222,7 @@ def create_app(settings: ServingSettings, *, registry: CollectorRegistry | None 
     state = ServingState(settings, registry if registry is not None else CollectorRegistry(), loaded)
     app = FastAPI(title="ranker", version=__version__, lifespan=_lifespan)
     app.state.serving = state
-    app.add_middleware(PredictMetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestMetricsMiddleware, by_path={PREDICT_PATH: state.metrics, FEEDBACK_PATH: state.feedback.metrics})
     app.add_exception_handler(ServingError, _serving_error)
     app.include_router(router)
     app.openapi = bundle_openapi(app, lambda: state.current, PREDICT_PATH)  # type: ignore[method-assign]

@@ -34,6 +34,10 @@ from ranker.serving.predictor import LoadedModel, Prediction
 # server failure, so kept out of 5xx and of the request-duration histogram.
 CLIENT_CLOSED = "client_closed"
 STATUS_CLASSES = ("2xx", "4xx", "5xx", CLIENT_CLOSED)
+
+
+def status_class(status: int) -> str:
+    return "5xx" if status >= 500 else "4xx" if status >= 400 else "2xx"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("parse", "featurize", "encode")  # request work outside the model, timed per request
 HEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -153,7 +157,7 @@ class ServingMetrics:
         self.model_info.labels(new.version, new.architecture).set(1)
 
     def request_done(self, status: int, seconds: float) -> None:
-        self.requests.labels("5xx" if status >= 500 else "4xx" if status >= 400 else "2xx").inc()
+        self.requests.labels(status_class(status)).inc()
         self.request_duration.observe(seconds)
 
     def request_abandoned(self) -> None:
@@ -192,6 +196,12 @@ class FeedbackMetrics:
             ["task", "outcome"], registry=r,
         )  # fmt: skip
         self.invalid = Counter("ranker_feedback_invalid_requests", "Refused POST /feedback requests (no event counted) by reason.", ["reason"], registry=r)
+        # every answer of POST /feedback by status class: a 5xx (labels lost) shows here and
+        # nowhere else, as ranker_requests_total counts /predict only
+        self.requests = Counter("ranker_feedback_requests", "POST /feedback responses by status class (client_closed: the client hung up first).",
+                                ["status"], registry=r)
+        for st in STATUS_CLASSES:
+            self.requests.labels(st)
         self.labelled = Counter("ranker_feedback_labelled", "Accepted labelled events.", tv, registry=r)
         self.label = Counter("ranker_feedback_label", "Sum of the labels of accepted events (observed positives for a binary task).", tv, registry=r)
         self.score = Counter("ranker_feedback_score", "Sum of the served scores of accepted events (expected positives for a binary task).", tv, registry=r)
@@ -223,6 +233,12 @@ class FeedbackMetrics:
             self.invalid.labels(reason)
         for reason in ("bad_event", "unknown_task", "unknown_model_version"):  # refusals that may name no known task
             self.events.labels("", reason)
+
+    def request_done(self, status: int, seconds: float) -> None:
+        self.requests.labels(status_class(status)).inc()
+
+    def request_abandoned(self) -> None:
+        self.requests.labels(CLIENT_CLOSED).inc()
 
     def _version_series(self, task: str, version: str, task_type: str, bins: int) -> list[tuple[Counter, tuple[str, ...]]]:
         """Every (counter, labels) of one task and model version."""
