@@ -34,14 +34,13 @@ from ranker.serving.predictor import LoadedModel, Prediction
 # server failure, so kept out of 5xx and of the request-duration histogram.
 CLIENT_CLOSED = "client_closed"
 STATUS_CLASSES = ("2xx", "4xx", "5xx", CLIENT_CLOSED)
-
-
-def status_class(status: int) -> str:
-    return "5xx" if status >= 500 else "4xx" if status >= 400 else "2xx"
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("parse", "featurize", "encode")  # request work outside the model, timed per request
 HEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
+
+def status_class(status: int) -> str:
+    return "5xx" if status >= 500 else "4xx" if status >= 400 else "2xx"
 
 
 # set (by ``ranker serve --workers N``, or by hand) when metrics live in prometheus_client's

@@ -72,6 +72,13 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _global_values(losses: dict[str, torch.Tensor], ranks: Collective) -> dict[str, float]:
+    """Each task's loss summed over ranks (each rank holds its share): one all-reduce."""
+    if not losses:
+        return {}
+    return dict(zip(losses, ranks.sum(torch.stack([v.detach() for v in losses.values()])).tolist(), strict=True))
+
+
 def task_losses(
     model: MultiTaskRanker,
     types: dict[str, str],
@@ -331,10 +338,7 @@ class Trainer:
         just wrote (global values, as ``StepContext.values``); for ``Weighting.after_step``.
         The model stays in training mode, as for the losses the step descended."""
         with torch.no_grad(), autocast:
-            after = task_losses(model, types, model(batch, tasks), batch, counts)
-        if not after:
-            return {}
-        return dict(zip(after, ranks.sum(torch.stack(list(after.values())).float()).tolist(), strict=True))
+            return _global_values(task_losses(model, types, model(batch, tasks), batch, counts), ranks)
 
     def evaluate_sources(self, model: MultiTaskRanker, parts: list[tuple[Loader, list[TaskSpec], list[Unit]]]) -> EvalResult:
         """Each source's tasks on that source's split (a task is measured on its own data only);
@@ -552,7 +556,7 @@ class Trainer:
                     losses = task_losses(model, types, raw, batch, loss_counts)
                 pg.batches = i + 1
                 if losses:
-                    values = dict(zip(losses, ranks.sum(torch.stack([v.detach() for v in losses.values()])).tolist(), strict=True))
+                    values = _global_values(losses, ranks)
                     if probe.due(i):  # off the clock: diagnostics are not training throughput
                         tp = time.perf_counter()
                         probe.record(losses, model.trunk.last_gates)
