@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from ranker.cli import main
-from ranker.config import load_config
+from ranker.config import DataConfig, load_config
 from ranker.training.compare import (
     MIN_EFFECT_PCT,
     build_report,
@@ -259,7 +259,18 @@ def test_best_variant_is_chosen_on_val_and_reported_on_test(tmp_path: Path) -> N
     assert rep["best"] == "static" and next(r for r in rep["multi"] if r["best"])["delta_m_pct"] == pytest.approx(1.0)
     md = render_markdown(rep, [])
     assert "selected and reported on the same split (val)" in md and "biased upward" in md
-    assert "Δm on val (selection)" not in md
+    assert "Δm on val (selection)" not in md and "(no test split configured)" in md
+
+    # a task reading its own data without a test split has no test metrics (the trainer reports
+    # test for the sources that have one): the whole report moves to val and names the task
+    own = DataConfig(train=cfg.data.train, val=cfg.data.val)
+    cvr_own = cfg.model_copy(update={"tasks": [t.model_copy(update={"data": own}) if t.name == "cvr" else t for t in cfg.tasks]})
+    for res in results.values():
+        del res["test"]["cvr"]
+    rep = build_report(cvr_own, runs, results)
+    assert rep["split"] == "val" and rep["untested_tasks"] == ["cvr"] and rep["selection_is_report_split"] is True
+    assert rep["multi"][0]["tasks"]["cvr"]["change_pct"] == pytest.approx(1.0)  # static's val change
+    assert "(no test split for cvr)" in render_markdown(rep, [])
 
 
 def test_delta_m_is_the_mean_oriented_relative_change() -> None:

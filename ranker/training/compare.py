@@ -26,8 +26,9 @@ evidence either way).
 
 The best variant (for the recommendations and the affinity section) is the one with the highest
 Delta_m on val (each run's best-epoch val metrics); every number in the report, its Delta_m
-included, is then on test, which took no part in the choice. Without a test split the choice and
-the report are on the same split (val) and the best variant's Delta_m is biased upward by the
+included, is then on test, which took no part in the choice. Without a test split for every compared
+task (a task reading its own ``data`` needs its own ``test``) the choice and the report are on
+the same split (val) and the best variant's Delta_m is biased upward by the
 selection; the report says so and gives the number of comparisons (variants x tasks) behind it.
 
 Stability across retrains: per task, each seed's change against the same seed's single-task
@@ -61,6 +62,7 @@ from ranker.config import RankerConfig
 from ranker.errors import RankerError
 from ranker.training.affinity import AffinityProbe, pool
 from ranker.training.metrics import HIGHER_IS_BETTER
+from ranker.training.sources import source_groups
 from ranker.training.trainer import Trainer, task_losses
 from ranker.training.weighting import check_weighting
 
@@ -110,6 +112,23 @@ def single_task_config(cfg: RankerConfig, task: str) -> RankerConfig:
 
 def compared_tasks(cfg: RankerConfig) -> list[str]:
     return [t.name for t in cfg.tasks if not t.product]
+
+
+def untested_tasks(cfg: RankerConfig) -> list[str]:
+    """Compared tasks whose source has no test split: with any, the whole report is on val, so
+    that every task's change and Delta_m are on one split.
+
+    Example:
+        >>> from ranker.config import parse_config
+        >>> cfg = parse_config({"data": {"train": "clicks", "val": "clicks_val", "test": "clicks_test"},
+        ...     "features": [{"name": "price", "type": "dense"}],
+        ...     "tasks": [{"name": "ctr", "type": "binary", "label": "click"},
+        ...               {"name": "cvr", "type": "binary", "label": "conversion", "data": {"train": "conv", "val": "conv_val"}}]})
+        >>> untested_tasks(cfg)
+        ['cvr']
+    """
+    tested = {t.name for _, data, tasks in source_groups(cfg) if data.test for t in tasks}
+    return [t for t in compared_tasks(cfg) if t not in tested]
 
 
 def _seeded(cfg: RankerConfig, seed: int) -> RankerConfig:
@@ -255,7 +274,8 @@ def _diagnostics(histories: list[list[dict]]) -> dict:
 
 
 def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict], source: str = "", variant_kind: str = "weighting") -> dict:
-    split = "test" if cfg.data.test else "val"  # every reported number
+    untested = untested_tasks(cfg)
+    split = "val" if untested else "test"  # every reported number
     select = "val"  # the best variant is chosen by its Delta_m here (best-epoch val metrics)
     types = {t.name: t.type for t in cfg.tasks}
     tasks = compared_tasks(cfg)
@@ -336,6 +356,7 @@ def build_report(cfg: RankerConfig, runs: Sequence[Run], results: dict[str, dict
         "split": split,
         "selected_on": select,
         "selection_is_report_split": select == split,
+        "untested_tasks": untested,  # compared tasks without a test split: the reason for val
         "comparisons": len(rows) * len(tasks),  # verdicts made (variants x tasks), each at 5%
         "seeds": seeds,
         "architecture": cfg.model.architecture,
@@ -434,8 +455,11 @@ def _selection_line(rep: dict) -> str:
     if rep["selected_on"] != rep["split"]:
         return (f"- best variant: selected by Δm on **{rep['selected_on']}** (best-epoch metrics); every number below is on "
                 f"**{rep['split']}**, which took no part in the choice")
-    return (f"- best variant: selected by Δm on **{rep['selected_on']}**, the split reported here too (no test split "
-            "configured): the best variant's Δm is biased upward by the choice; configure data.test for an unbiased one")
+    missing = rep.get("untested_tasks") or []
+    some = 0 < len(missing) < len(rep["tasks"])
+    why = f"no test split for {', '.join(missing)}" if some else "no test split configured"
+    return (f"- best variant: selected by Δm on **{rep['selected_on']}**, the split reported here too ({why}): the best "
+            "variant's Δm is biased upward by the choice; configure a test split for every task for an unbiased one")
 
 
 def render_markdown(rep: dict, plots: Sequence[str]) -> str:
