@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ranker.bundle import load_bundle
@@ -269,10 +270,47 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
     assert not failures, failures[:5]
 
 
+def test_score_counters_sum_every_version_ever_served(tmp_path: Path) -> None:
+    """More versions than the feedback tables keep (rolled onto one bundle after another): the
+    score counters still sum every version's files, a dead worker's included, so they never go
+    back; the drift window is the live workers' files of the current version only."""
+    from types import SimpleNamespace
+
+    from ranker.serving.drift import ScoreTracker
+    from ranker.serving.feedback import KEEP_VERSIONS
+    from ranker.serving.multiproc import SharedScores
+
+    def served(version: str, n: int, tasks: tuple[str, ...]) -> SimpleNamespace:
+        trackers = {"watch": ScoreTracker([1.0, 2.0], [0.2, 0.3, 0.5], window=100), "ctr": ScoreTracker([0.5], [0.5, 0.5], window=100)}
+        trackers = {t: trackers[t] for t in tasks}
+        trackers["ctr"].add(np.full(n, 0.25))
+        return SimpleNamespace(version=version, trackers=trackers)
+
+    shared = SharedScores(tmp_path)
+    versions = [served(f"v{i}", i + 1, ("ctr", "watch") if i % 3 else ("watch", "ctr")) for i in range(KEEP_VERSIONS + 3)]
+    for loaded in versions:
+        shared.publish(loaded)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"scores-v1-{os.getpid()}.bin").rename(tmp_path / f"scores-v1-{dead.pid}.bin")  # a worker that died
+    (tmp_path / f"scores-v9-{dead.pid}.bin").write_bytes(b"")  # being created: not yet its full size
+    (tmp_path / f"scores-nolayout-{os.getpid()}.bin").write_bytes(np.ones(5).tobytes())  # no layout: left out
+    current = versions[-1]
+    assert not list(tmp_path.glob("versions-*.json"))  # no feedback table names any of them
+    snap = shared.snapshots(current)
+    assert snap["ctr"].counts.tolist() == [sum(range(1, len(versions) + 1)), 0]
+    assert snap["ctr"].total == pytest.approx(0.25 * sum(range(1, len(versions) + 1)))
+    assert snap["ctr"].window.tolist() == [len(versions), 0] and snap["watch"].counts.tolist() == [0, 0, 0]
+    current.trackers["ctr"].add(np.full(4, 0.75))
+    shared.publish(current)
+    assert shared.snapshots(current)["ctr"].counts.tolist() == [sum(range(1, len(versions) + 1)), 4]
+
+
 def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
     from ranker.serving.multiproc import clear_dir
 
-    ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin", "versions-12.json"]
+    ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin", "versions-12.json",
+            "layout-abc123.json"]
     theirs = ["app.db", "keep.txt", "counter.db", "notes_12.db"]
     for name in ours + theirs:
         (tmp_path / name).write_bytes(b"x")

@@ -14,6 +14,9 @@ Every worker answers /metrics for the whole server, whichever worker the scrape 
   after every request; a scrape sums the all-time counts over every file (a worker that died
   keeps its share, so the counters never go back) and the windows over the live workers only,
   and computes PSI once on the summed window: the server's recent scores, as with one process.
+  Where each task sits in a version's score files is written once beside them
+  (``layout-<version>.json``), so the files of every version ever served stay readable, however
+  many versions the feedback tables (which keep only the last ``KEEP_VERSIONS``) have forgotten.
 
 The known traps of multiprocess mode, and what is done about them:
 - stale files from an earlier run would be summed in: the server starts on an empty
@@ -45,6 +48,7 @@ from ranker.serving.predictor import LoadedModel
 
 _SCORES = re.compile(r"scores-(?P<version>[0-9A-Za-z_.-]+)-(?P<pid>[0-9]+)\.bin")
 _LIVE_GAUGE = re.compile(r"gauge_live[a-z]*_(?P<pid>[0-9]+)\.db")
+_LAYOUT = re.compile(r"layout-(?P<version>[0-9A-Za-z_.-]+)\.json")
 
 
 def multiprocess_dir() -> Path | None:
@@ -63,7 +67,7 @@ def clear_dir(path: Path) -> None:
     our score files, nothing else a shared directory may hold."""
     path.mkdir(parents=True, exist_ok=True)
     for f in path.iterdir():
-        if _CLIENT_DB.fullmatch(f.name) or _SCORES.fullmatch(f.name) or _VERSIONS.fullmatch(f.name):
+        if any(p.fullmatch(f.name) for p in (_CLIENT_DB, _SCORES, _VERSIONS, _LAYOUT)):
             f.unlink(missing_ok=True)
 
 
@@ -150,6 +154,11 @@ class SharedScores:
         layout = _layout(loaded)
         m = self._maps.get(loaded.version)
         if m is None:
+            # the layout first: a reader never meets a score file it cannot place (every worker
+            # of a version writes the same text; the replace makes each write whole or absent)
+            tmp = self.path / f".layout-{loaded.version}-{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({t: list(v) for t, v in layout.items()}))
+            os.replace(tmp, self.path / f"layout-{loaded.version}.json")
             size = sum(2 * k + 1 for _, k in layout.values())
             name = self.path / f"scores-{loaded.version}-{os.getpid()}.bin"
             m = self._maps[loaded.version] = np.memmap(name, dtype=np.float64, mode="w+", shape=(size,))
@@ -160,20 +169,17 @@ class SharedScores:
             m[off + 2 * k] = total
 
     def _layouts(self) -> dict[str, dict[str, tuple[int, int]]]:
-        """Every model version this server's workers have loaded -> its score-file layout,
-        read from the version files they wrote (``publish_versions``; tasks in tracker order)."""
+        """Every model version this server's workers have published scores for -> its score-file
+        layout (task -> offset, bins), from the layout files ``publish`` writes."""
         out: dict[str, dict[str, tuple[int, int]]] = {}
-        for _, path in sorted((f.stat().st_mtime, f) for f in self.path.iterdir() if _VERSIONS.fullmatch(f.name)):
-            try:
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError):
+        for f in self.path.glob("layout-*.json"):
+            m = _LAYOUT.fullmatch(f.name)
+            if m is None:
                 continue
-            for version, tasks in doc.items():
-                layout, offset = {}, 0
-                for task, (_, edges) in tasks.items():
-                    layout[task] = (offset, len(edges) + 1)
-                    offset += 2 * (len(edges) + 1) + 1
-                out[version] = layout
+            try:
+                out[m["version"]] = {t: (int(off), int(k)) for t, (off, k) in json.loads(f.read_text()).items()}
+            except (OSError, ValueError, TypeError):
+                continue  # unreadable: that version's files are left out, as when being created
         return out
 
     def snapshots(self, loaded: LoadedModel) -> dict[str, TrackerSnapshot]:
