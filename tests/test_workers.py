@@ -306,6 +306,43 @@ def test_score_counters_sum_every_version_ever_served(tmp_path: Path) -> None:
     assert shared.snapshots(current)["ctr"].counts.tolist() == [sum(range(1, len(versions) + 1)), 4]
 
 
+FORGOTTEN_VERSIONS = """
+import sys
+from pathlib import Path
+import numpy as np
+from prometheus_client import CollectorRegistry
+from ranker.serving.feedback import KEEP_VERSIONS, FeedbackRecorder, TaskRef
+from ranker.serving.metrics import FeedbackMetrics
+from ranker.serving.multiproc import SharedScores, publish_versions
+
+path = Path(sys.argv[1])
+recorder = FeedbackRecorder(FeedbackMetrics(CollectorRegistry()), 1000)
+for i in range(KEEP_VERSIONS + 2):  # a worker's table: the last KEEP_VERSIONS it was told of
+    recorder.add_version(f"v{i}", {"ctr": TaskRef("binary", np.array([0.5]))})
+publish_versions(path, recorder.table())
+sys.stdout.write(SharedScores(path).exposition(iter([])).decode())
+"""
+
+
+def test_a_scrape_leaves_out_the_series_of_forgotten_versions(tmp_path: Path) -> None:
+    """In multiprocess mode a counter's series cannot be removed: the scrape drops those of
+    versions no live worker still accepts, so each roll does not add series for good."""
+    from ranker.serving.feedback import KEEP_VERSIONS
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}  # read when prometheus_client is imported
+    out = subprocess.run([sys.executable, "-c", FORGOTTEN_VERSIONS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(out.stdout):
+        for sample in fam.samples:
+            if "model_version" in sample.labels:
+                seen.setdefault(fam.name, set()).add(sample.labels["model_version"])
+    kept = {f"v{i}" for i in range(2, KEEP_VERSIONS + 2)}
+    assert {"ranker_feedback_labelled", "ranker_feedback_score_bin"} <= set(seen)
+    assert all(v == kept for v in seen.values()), seen  # v0 and v1 are still in the worker's files, not in the scrape
+    assert list(tmp_path.glob("counter_*.db"))
+
+
 def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
     from ranker.serving.multiproc import clear_dir
 

@@ -25,7 +25,11 @@ The known traps of multiprocess mode, and what is done about them:
 - a worker that dies leaves its live-gauge files behind: a scrape drops the files of
   processes no longer alive (``mark_process_dead``) and their drift windows;
 - ``/admin/reload`` would swap the model in one worker only: with several workers it is
-  refused (409); roll the server (SIGHUP restarts the workers one by one) instead.
+  refused (409); roll the server (SIGHUP restarts the workers one by one) instead;
+- a counter's series cannot be removed there (``remove()`` does nothing), so the per-version
+  feedback series of every version ever rolled in would stay: a scrape leaves out the series
+  of versions no live worker still accepts labels for (the last ``KEEP_VERSIONS``), as one
+  process removes them.
 """
 
 from __future__ import annotations
@@ -113,6 +117,34 @@ def earlier_versions(path: Path) -> list[tuple[str, dict[str, TaskRef]]]:
     for _, doc in sorted(files, key=lambda x: x[0]):
         out += [(v, {t: TaskRef(ty, np.asarray(e, dtype=np.float64)) for t, (ty, e) in tasks.items()}) for v, tasks in doc.items()]
     return out
+
+
+def live_versions(path: Path) -> set[str]:
+    """The model versions some live worker accepts feedback for (its published table)."""
+    out: set[str] = set()
+    for f, pid in _version_files(path):
+        if _alive(pid):
+            try:
+                out.update(json.loads(f.read_text()))
+            except (OSError, ValueError):  # pruned or unreadable: that table is not counted
+                continue
+    return out
+
+
+class _KeptVersions:
+    """The multiprocess files' metrics without the series of forgotten model versions (a
+    ``model_version`` label no live worker's table holds)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files = MultiProcessCollector(None, str(path))
+
+    def collect(self) -> Iterator[object]:
+        kept = live_versions(self.path)
+        for family in self.files.collect():
+            if kept:  # empty only before any worker published its table: nothing to judge by
+                family.samples = [s for s in family.samples if "model_version" not in s.labels or s.labels["model_version"] in kept]
+            yield family
 
 
 def _alive(pid: int) -> bool:
@@ -228,7 +260,7 @@ class SharedScores:
         shared state), in the Prometheus text format."""
         self.forget_dead()
         registry = CollectorRegistry(auto_describe=False)
-        MultiProcessCollector(registry, str(self.path))
+        registry.register(_KeptVersions(self.path))  # type: ignore[arg-type]
         for c in collectors:
             registry.register(c)  # type: ignore[arg-type]
         return generate_latest(registry)
