@@ -544,6 +544,11 @@ def test_k8s_deployment(name: str, docker_commands: tuple[Any, ...]) -> None:
     # host-side threads fit the CPU limit, whatever CPU count the node reports
     s = ServingSettings.from_env(env)
     assert s.torch_threads is not None and s.workers * s.concurrency * s.intra_op_threads <= int(c["resources"]["limits"]["cpu"])
+    # the bodies waiting for a request thread (each up to max_body_bytes) fit in half the memory
+    # limit, the rest left to the model copies: past the limit the pod is OOM-killed, not shedding
+    memory = c["resources"]["limits"]["memory"]
+    limit = int(memory[:-2]) * {"Mi": 2**20, "Gi": 2**30}[memory[-2:]]
+    assert s.workers * s.max_queue * s.max_body_bytes <= limit // 2, (s.max_queue, memory)
     # secrets come from a Secret, never inline
     secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
     assert set(secret) == {"RANKER_FEEDBACK_TOKEN"} and secret["RANKER_FEEDBACK_TOKEN"]["name"] == "ranker-feedback"
