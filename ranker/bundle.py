@@ -29,7 +29,7 @@ from ranker.config import RankerConfig, parse_config
 from ranker.errors import RankerError
 from ranker.features import Featurizer
 from ranker.files import usual_mode
-from ranker.model import MultiTaskRanker
+from ranker.model import MultiTaskRanker, build_ranker
 
 FORMAT = 1
 WEIGHTS, MANIFEST, METRICS = "model.safetensors", "manifest.json", "metrics.json"
@@ -203,7 +203,7 @@ def load_bundle(path: str | Path) -> Bundle:
         featurizer = Featurizer.from_state(config.features, manifest["featurizer"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise RankerError(f"{p / MANIFEST}: featurizer state is malformed ({e!r})") from None
-    model = MultiTaskRanker(config.features, config.tasks, config.model)
+    model = build_ranker(config.features, config.tasks, config.model)
     weights = p / WEIGHTS
     if not weights.is_file():
         raise RankerError(f"{weights}: missing from the bundle")

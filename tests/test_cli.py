@@ -87,6 +87,9 @@ CONFIG_ERRORS = {
     "flag_as_count": (lambda r: r["train"].update(epochs=True), r"train\.epochs: needs a number, not true"),
     "mask_is_own_label": (lambda r: r["tasks"][0].update(mask=r["tasks"][0]["label"]), r"'mask' is its own label column 'click'"),
     "cross_rank_alone": (lambda r: r["model"].update(cross_rank=4), r"cross_rank: applies to cross layers only"),
+    # sizes past any address space (hundreds of TiB): torch's allocator refuses them on any machine
+    "tower_too_wide": (lambda r: r["model"].update(tower_dims=[10**12]), r"model: its parameters do not fit in memory \(check model\.tower_dims\[0\]\)"),
+    "table_too_large": (lambda r: r["features"][0].update(buckets=10**13), r"do not fit in memory \(check features\[0\]\.(buckets|dim) \(user_id\)\)"),
 }
 
 

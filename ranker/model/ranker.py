@@ -86,3 +86,40 @@ class MultiTaskRanker(nn.Module):
 
     def predict(self, batch: dict[str, torch.Tensor], tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         return self.scores(self.forward(batch, tasks))
+
+
+def _largest_size_key(features: Sequence[FeatureSpec], cfg: ModelConfig) -> str:
+    """The sizing setting with the largest value (buckets x dim for a feature's table, a width
+    for the model): where a typo that costs the memory most likely sits."""
+    sizes: dict[str, int] = {}
+    for i, f in enumerate(features):
+        if f.buckets is not None:
+            sizes[f"features[{i}].buckets ({f.name})"] = f.buckets * (f.dim or 1)
+        if f.dim is not None:
+            sizes[f"features[{i}].dim ({f.name})"] = f.dim * (f.buckets or 1)
+    for key in ("expert_dims", "tower_dims", "bias_tower_dims"):
+        for j, d in enumerate(getattr(cfg, key)):
+            sizes[f"model.{key}[{j}]"] = d * d
+    sizes["model.experts"] = cfg.experts * max(cfg.expert_dims)
+    return max(sizes, key=sizes.__getitem__)
+
+
+def build_ranker(features: Sequence[FeatureSpec], tasks: Sequence[TaskSpec], cfg: ModelConfig) -> MultiTaskRanker:
+    """``MultiTaskRanker(features, tasks, cfg)``, or a one-line error naming the likeliest
+    setting at fault when its parameters do not fit in memory (torch's allocator raises a
+    RuntimeError, Python a MemoryError).
+
+    Example:
+        >>> from ranker.config import FeatureSpec as F, TaskSpec as T, ModelConfig as M
+        >>> build_ranker([F(name="p", type="dense")], [T(name="ctr", type="binary", label="c")], M(tower_dims=[10**12]))
+        Traceback (most recent call last):
+        ...
+        ranker.errors.RankerError: model: its parameters do not fit in memory (check model.tower_dims[0]); ...
+    """
+    try:
+        return MultiTaskRanker(features, tasks, cfg)
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            raise
+        raise RankerError(f"model: its parameters do not fit in memory (check {_largest_size_key(features, cfg)}); "
+                          f"{str(e).splitlines()[0][:200]}") from None

@@ -20,7 +20,7 @@ from ranker.bundle import check_bundle_target, save_bundle
 from ranker.config import RankerConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import DenseFit, Featurizer, RunningMoments
-from ranker.model import MultiTaskRanker
+from ranker.model import MultiTaskRanker, build_ranker
 from ranker.reference import reference_histogram
 from ranker.training.checkpoint import check_resume, checkpoints, load_latest, save_checkpoint
 from ranker.training.data import (
@@ -416,10 +416,12 @@ class Trainer:
         device, dtype = ranks.device, PRECISIONS[tc.precision]
         torch.manual_seed(tc.seed)
         sources = task_sources(cfg)
+        # before the data pass, so a model too large for memory fails at once (the pass draws
+        # nothing from torch's generator: the weights are those built after it)
+        model = build_ranker(cfg.features, cfg.tasks, cfg.model)
         featurizer, target_stats = self.fit_featurizer(sources)
         self.check_held_out_labels(sources)
 
-        model = MultiTaskRanker(cfg.features, cfg.tasks, cfg.model)
         for name, (mean, std) in target_stats.items():
             head = model.heads[name]
             head.target_mean.fill_(mean)  # type: ignore[operator]
