@@ -93,10 +93,9 @@ def _largest_size_key(features: Sequence[FeatureSpec], cfg: ModelConfig) -> str:
     for the model): where a typo that costs the memory most likely sits."""
     sizes: dict[str, int] = {}
     for i, f in enumerate(features):
-        if f.buckets is not None:
-            sizes[f"features[{i}].buckets ({f.name})"] = f.buckets * (f.dim or 1)
-        if f.dim is not None:
-            sizes[f"features[{i}].dim ({f.name})"] = f.dim * (f.buckets or 1)
+        if f.buckets is not None or f.dim is not None:  # one table: name its larger side
+            side = "buckets" if (f.buckets or 0) >= (f.dim or 0) else "dim"
+            sizes[f"features[{i}].{side} ({f.name})"] = (f.buckets or 1) * (f.dim or 1)
     for key in ("expert_dims", "tower_dims", "bias_tower_dims"):
         for j, d in enumerate(getattr(cfg, key)):
             sizes[f"model.{key}[{j}]"] = d * d
