@@ -192,6 +192,50 @@ def test_arrow_null_columns_and_unknown_columns_are_missing_features(rows: pa.Ta
         assert only_unknown.status_code == 200 and len(only_unknown.json()["scores"]["ctr"]) == 2
 
 
+def _strings(offsets: list[int], data: bytes) -> pa.Array:
+    """A string array built from raw buffers with only the cheap checks: invalid UTF-8 passes."""
+    return pa.Array.from_buffers(pa.string(), len(offsets) - 1, [None, pa.py_buffer(np.array(offsets, np.int32).tobytes()), pa.py_buffer(data)])
+
+
+def _patched(offsets: list[int]) -> bytes:
+    """A stream of device = ["cat_12", "cat_345", "c"] whose offsets (0, 6, 13, 14) are then
+    overwritten in the body: what no writer produces, and what a broken client may send."""
+    body = arrow_body(pa.record_batch({"device": pa.array(["cat_12", "cat_345", "c"])}))
+    old, new = np.array([0, 6, 13, 14], np.int32).tobytes(), np.array(offsets, np.int32).tobytes()
+    assert body.count(old) == 1
+    return body.replace(old, new)
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(_patched([0, 12, 2, 14]), id="offsets-backwards"),  # crashed the process
+    pytest.param(_patched([0, 6, 13, 1000]), id="offsets-past-the-values"),
+    pytest.param(pa.record_batch({"device": _strings([0, 2, 4], b"\xff\xfe\xc3\x28")}), id="not-utf8"),
+    pytest.param(pa.record_batch({"tags": pa.ListArray.from_arrays(pa.array([0, 1, 2], pa.int32()), _strings([0, 2, 4], b"\xff\xfe\xc3\x28"))}),
+                 id="list-not-utf8"),
+    pytest.param(pa.record_batch({"device": pa.DictionaryArray.from_arrays(pa.array([0, 7], pa.int32()), pa.array(["a", "b"]), safe=False)}),
+                 id="dictionary-index-out-of-range"),
+    pytest.param(pa.record_batch({"device": pa.DictionaryArray.from_arrays(pa.array([0, -3], pa.int32()), pa.array(["a", "b"]), safe=False)}),
+                 id="dictionary-index-negative"),
+])
+def test_malformed_arrow_arrays_are_a_422_naming_the_column(body: bytes | pa.RecordBatch) -> None:
+    """Arrays whose buffers are the right size but whose contents are not valid Arrow: the
+    featurizer reads offsets and indices as they are, so each is refused before it runs."""
+    name = "device" if isinstance(body, bytes) else body.schema.names[0]
+    with app() as c:
+        r = c.post("/predict", content=body if isinstance(body, bytes) else arrow_body(body), headers=ARROW)
+        assert r.status_code == 422 and r.json()["reason"] == "bad_arrow", r.text
+        assert r.json()["field"] == f"columns.{name}", r.text
+        assert c.post("/predict", json={"items": [{}]}).status_code == 200  # the server lives on
+
+
+def test_an_arrow_stream_of_no_columns_is_scored_as_rows_of_missing_features() -> None:
+    with app() as c:
+        want = c.post("/predict", json={"items": [{}, {}, {}]}).json()["scores"]
+        r = c.post("/predict", content=arrow_body(pa.table({"x": [1, 2, 3]}).drop_columns(["x"])), headers=ARROW)
+        assert r.status_code == 200, r.text
+        same(r.json()["scores"], want)
+
+
 def test_a_list_of_the_wrong_values_is_named_by_the_list_type() -> None:
     with app() as c:
         r = c.post("/predict", content=arrow_body(_tbl(tags=pa.array([[1], [2, 3]]))), headers=ARROW)

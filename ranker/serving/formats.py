@@ -221,6 +221,25 @@ def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
     return pa.chunked_array(out)
 
 
+def _validate(rb: pa.RecordBatch) -> None:
+    """Full validation of a decoded batch: offsets in order and in bounds, dictionary indices
+    in range, strings UTF-8. The stream reader checks only the buffers' sizes, and the
+    featurizer reads offsets and indices as they are (backward offsets crashed the process).
+
+    Raises:
+        RequestError: ``bad_arrow`` naming the first column at fault.
+    """
+    try:
+        rb.validate(full=True)
+    except pa.ArrowInvalid:
+        for name, col in zip(rb.schema.names, rb.columns, strict=True):
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid as e:
+                raise RequestError("bad_arrow", f"columns.{name}", f"not a valid Arrow array ({e})") from None
+        raise
+
+
 def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
     """An Arrow IPC stream body -> the feature table (columns the bundle reads, checked).
 
@@ -237,8 +256,8 @@ def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
         schema = pa.ipc.open_stream(buf).schema
         wanted = {c.source for c in parser.columns}
         # none wanted (every feature missing): one column still gives the row count, and an
-        # empty list would mean every column to Arrow
-        keep = [i for i, n in enumerate(schema.names) if n in wanted] or [0]
+        # empty list would mean every column to Arrow (a stream of no columns has only the count)
+        keep = [i for i, n in enumerate(schema.names) if n in wanted] or ([0] if schema.names else [])
         reader = pa.ipc.open_stream(buf, options=pa.ipc.IpcReadOptions(included_fields=keep))
         batches, decoded = [], 0
         for rb in reader:
@@ -246,6 +265,7 @@ def read_arrow(parser: RequestParser, body: bytes) -> pa.Table:
             if decoded > parser.max_decoded_bytes:
                 raise RequestError("body_too_large", "body", f"its columns decode to more than {parser.max_decoded_bytes:,} bytes",
                                    status=413)
+            _validate(rb)
             batches.append(rb)
         table = pa.Table.from_batches(batches, schema=reader.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, ValueError) as e:
