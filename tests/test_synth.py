@@ -207,6 +207,22 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_refuses_to_replace_a_users_folder_laid_out_like_its_output(tmp_path: Path) -> None:
+    """config.yaml + train/val/test is also how users lay out their own data: only a config
+    with synth's header and splits of synth's part files are replaced."""
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "my-logs.parquet").write_bytes(b"PAR1")
+    (out / "config.yaml").write_text("# my config\n")
+    with pytest.raises(RankerError, match=r"^out_dir:.*config.yaml \(not written by ranker synth\), train/my-logs.parquet"):
+        write_synthetic(out, rows=100)
+    write_synthetic(tmp_path / "ours", rows=100)
+    (tmp_path / "ours" / "val" / "extra.parquet").write_bytes(b"PAR1")  # a user's file added to synth's output
+    with pytest.raises(RankerError, match="^out_dir:.*val/extra.parquet"):
+        write_synthetic(tmp_path / "ours", rows=100)
+    assert (out / "config.yaml").read_text() == "# my config\n" and (tmp_path / "ours" / "val" / "extra.parquet").exists()
+
+
 def test_replaces_earlier_output_only_on_success(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -117,6 +118,8 @@ VAR_DENSE, VAR_DEVICE, VAR_NOISE = 0.25, 0.05, 0.10
 _BLOCK = 100_000  # rows generated at once: bounds memory, big enough to stay vectorised
 _CALIBRATION_ROWS = 50_000
 _OUTPUT_ENTRIES = {"config.yaml", "train", "val", "test"}
+_HEADER = "# written by ranker.training.synth"  # config.yaml's first line: how a rerun knows its own output
+_PART = re.compile(r"part-\d{5}\.parquet")
 
 
 @dataclass(frozen=True)
@@ -523,12 +526,29 @@ def _check_args(
 
 
 def _check_out_dir(out: Path) -> None:
-    """Refuse to replace anything but an earlier synth output: ``--out .`` must not wipe a repo."""
+    """Refuse to replace anything but an earlier synth output: ``--out .`` must not wipe a repo,
+    nor a user's own ``config.yaml`` + ``train/val/test`` folder laid out as synth lays it out.
+    A folder is synth's when its config carries synth's header line and its splits hold only
+    synth's ``part-NNNNN.parquet`` files."""
     if not out.exists():
         return
     if not out.is_dir():
         raise RankerError(f"out_dir: {out} exists and is not a directory")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUT_ENTRIES)
+    config = out / "config.yaml"
+    if not foreign and any(out.iterdir()):
+        try:
+            ours = config.is_file() and config.read_text(errors="replace").startswith(_HEADER)
+        except OSError:
+            ours = False
+        if not ours:
+            foreign = ["config.yaml (not written by ranker synth)" if config.exists() else "no config.yaml of ranker synth"]
+        for split in SPLITS:
+            d = out / split
+            if d.is_dir():
+                foreign += [f"{split}/{p.name}" for p in sorted(d.iterdir()) if not _PART.fullmatch(p.name)]
+            elif d.exists():
+                foreign.append(f"{split} (not a folder)")
     if foreign:
         raise RankerError(
             f"out_dir: {out} exists and holds {', '.join(foreign[:3])}"
@@ -591,7 +611,7 @@ def write_synthetic(
                     POSITION_SCHEMA if position_bias else SCHEMA,
                 )
         header = (
-            f"# written by ranker.training.synth: rows={rows} seed={seed}"
+            f"{_HEADER}: rows={rows} seed={seed}"
             f" task_correlation={task_correlation}{' position_bias=true' if position_bias else ''}\n"
             "# data paths are relative to this file's folder\n"
         )
