@@ -17,6 +17,7 @@ import yaml
 from ranker.config import TaskSampling, load_config, parse_config
 from ranker.errors import RankerError
 from ranker.training.checkpoint import checkpoints, load_latest
+from ranker.training.data import ParquetSource, resolve_files
 from ranker.training.sources import (
     SAMPLERS,
     plan_steps,
@@ -27,7 +28,7 @@ from ranker.training.sources import (
     task_sources,
 )
 from ranker.training.trainer import Trainer
-from tests.datagen import CONFIG, write_logs
+from tests.datagen import CONFIG, make_table, write_logs
 from tests.test_distributed import (
     SMALL,
     _cli,
@@ -217,6 +218,34 @@ def test_a_feature_column_missing_in_one_source_is_a_one_line_error(tmp_path: Pa
                          capture_output=True, text=True, env=_env(), timeout=120)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and "part-1.parquet: missing column 'price'" in lines[0]
+
+
+def test_folders_and_globs_read_partitioned_layouts_whole(tmp_path: Path) -> None:
+    """A folder is read with its sub-folders (Hive-style partitions), ``**`` matches any depth
+    and a glob matching folders reads them; writers' ``_``/``.`` entries are skipped. Each
+    spelling reads every row (before: 1/3 or none, without a word)."""
+    t = make_table(900, 0)
+    root = tmp_path / "train"
+    for i, part in enumerate(["date=2024-01-01/hour=00", "date=2024-01-02", "."]):
+        (root / part).mkdir(parents=True, exist_ok=True)
+        pq.write_table(t.slice(300 * i, 300), root / part / "p.parquet")
+    (root / "_temporary").mkdir()
+    pq.write_table(t.slice(0, 10), root / "_temporary" / "p.parquet")  # a writer's unfinished file
+    (root / ".p.parquet.crc").write_bytes(b"crc")
+    for spec in [root, f"{root}/**/*.parquet", f"{root}/date=*", f"{root}/*"]:
+        rows = ParquetSource(str(spec), "data.train", ["price"]).num_rows
+        assert rows == (600 if str(spec).endswith("date=*") else 900), spec
+    assert len(resolve_files(f"{root}/**/*.parquet", "data.train")) == 3
+
+
+def test_a_file_read_by_two_splits_is_refused(tmp_path: Path) -> None:
+    path = write_logs(tmp_path / "logs", rows=400)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["train"] = "."  # the folder above val/ and test/
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    with pytest.raises(RankerError, match=r"^data\.val: .*val/part-0\.parquet is also read by data\.train"):
+        task_sources(cfg)
 
 
 @pytest.mark.parametrize("mix", ["rows", "batches"])

@@ -8,9 +8,10 @@ projection, featurized in a background thread, and shuffled inside a buffer of a
 from __future__ import annotations
 
 import glob
+import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,18 +77,56 @@ def plan_units(units: Sequence[Unit], world: int, seed: int | None = None, epoch
     return shares
 
 
+def _hidden(path: Path, below: Path) -> bool:
+    """A name under ``below`` starting with ``.`` or ``_``: writers' temporary and bookkeeping
+    entries (``_temporary/``, ``_SUCCESS``, ``.part-0.parquet.crc``), never data."""
+    return any(part.startswith((".", "_")) for part in path.relative_to(below).parts)
+
+
+def _parquet_below(folder: Path) -> list[Path]:
+    """Every ``*.parquet`` file in ``folder`` and its sub-folders (partitioned layouts such as
+    ``date=2024-01-01/part-0.parquet``), hidden entries skipped."""
+    return [f for f in folder.rglob("*.parquet") if f.is_file() and not _hidden(f, folder)]
+
+
 def resolve_files(spec: str, key: str) -> list[Path]:
-    """A file, a directory (its *.parquet files) or a glob -> sorted Parquet files."""
+    """A file, a folder (its *.parquet files, sub-folders included) or a glob (``**`` matches
+    any depth; a folder it matches counts as that folder) -> sorted Parquet files, each once.
+
+    Raises:
+        RankerError: nothing found, naming ``key`` and ``spec``.
+    """
     p = Path(spec)
     if p.is_dir():
-        files = sorted(p.glob("*.parquet"))
+        files = _parquet_below(p)
     elif p.is_file():
         files = [p]
     else:
-        files = sorted(Path(f) for f in glob.glob(spec) if Path(f).is_file())
+        files = []
+        fixed = Path(*[q for q in itertools.takewhile(lambda q: not glob.has_magic(q), p.parts)])
+        for m in map(Path, glob.glob(spec, recursive=True)):
+            if _hidden(m, fixed):
+                continue
+            files += _parquet_below(m) if m.is_dir() else [m] if m.is_file() else []
     if not files:
         raise RankerError(f"{key}: no Parquet files found at {spec}")
-    return files
+    return sorted(set(files))
+
+
+def check_disjoint_splits(splits: Mapping[str, Sequence[Path]]) -> None:
+    """Refuse a file read by two splits of one source (``data.train`` a folder above
+    ``data.val``'s, say): val and test metrics would be measured on training rows.
+
+    Raises:
+        RankerError: naming the file and both keys.
+    """
+    seen: dict[Path, str] = {}
+    for key, files in splits.items():
+        for f in files:
+            r = f.resolve()
+            if r in seen and seen[r] != key:
+                raise RankerError(f"{key}: {f} is also read by {seen[r]}; the splits must not share files")
+            seen.setdefault(r, key)
 
 
 def label_columns(tasks: Sequence[TaskSpec]) -> list[str]:

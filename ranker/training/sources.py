@@ -46,7 +46,7 @@ import numpy as np
 from ranker.config import DataConfig, RankerConfig, TaskSampling, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import concat_batches
-from ranker.training.data import Loader, ParquetSource, Unit, label_columns, plan_units
+from ranker.training.data import Loader, ParquetSource, Unit, check_disjoint_splits, label_columns, plan_units
 
 SOURCE_SEED_STRIDE = 7_777_777  # source s shuffles with seed + s * stride (source 0: the seed itself)
 
@@ -246,6 +246,7 @@ def task_sources(cfg: RankerConfig) -> list[TaskSource]:
         train = ParquetSource(d.train, f"{key}.train", cols)
         val = ParquetSource(d.val, f"{key}.val", cols)
         test = ParquetSource(d.test, f"{key}.test", cols) if d.test else None
+        check_disjoint_splits({s.key: s.files for s in (train, val, test) if s is not None})
         out.append(TaskSource(key, tasks, train, val, test))
     return out
 
