@@ -34,6 +34,7 @@ statistic is a running sum, and the only sample kept is DENSE_SAMPLE values per 
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ import pyarrow.compute as pc
 from ranker.config import DataConfig, FeatureSpec, RankerConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import MISSING, Featurizer, _dense_values, bucket_values
-from ranker.training.data import ParquetSource, extract_labels, label_columns
+from ranker.training.data import ParquetSource, extract_labels, label_columns, label_values
 from ranker.training.sources import source_groups
 
 LEAK_AUC = 0.995  # single-feature val AUC at or above this: the feature all but gives the label away
@@ -125,7 +126,7 @@ def _task_values(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) -> t
             v = np.log1p(np.clip(v, 0, None))
         y[t.name] = v
         if t.mask:
-            m = pc.cast(rb.column(t.mask), pa.float64()).to_numpy(zero_copy_only=False)
+            m = label_values(rb.column(t.mask), where, t.mask)
             masked[t.name] = m != 1
         else:
             masked[t.name] = np.zeros(len(v), dtype=bool)
@@ -217,15 +218,32 @@ class _Predictor:
 
 
 # ----- time -----------------------------------------------------------------------------------
+_PER_SECOND = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+
+
 def _time_values(rb: pa.RecordBatch, column: str, where: str) -> np.ndarray:
+    """The time column as float64: seconds since the epoch for timestamps and dates (any unit
+    or time zone; ns values lie past 2**53, so they are scaled, not cast), the value itself for
+    numbers; NaN where missing."""
     col = rb.column(column)
     t = col.type
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        col = pc.cast(pc.cast(col, pa.timestamp("s")) if pa.types.is_date(t) else col, pa.int64())
-    elif not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+    if pa.types.is_date(t):
+        col, scale = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64()), 1
+    elif pa.types.is_timestamp(t):
+        col, scale = pc.cast(col, pa.int64()), _PER_SECOND[t.unit]
+    elif pa.types.is_integer(t) or pa.types.is_floating(t):
+        scale = 1
+    else:
         raise RankerError(f"{where}: time column {column!r} has type {t}; it must be a timestamp, date or number")
-    x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    x = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False) / scale
     return np.where(np.isfinite(x), x, np.nan)
+
+
+def _time_text(x: float, is_time: bool) -> str:
+    """A time value for a message: UTC date-time for timestamps and dates, else the number."""
+    if is_time:
+        return datetime.datetime.fromtimestamp(x, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{x:.12g}"
 
 
 class _TimeStats:
@@ -348,7 +366,8 @@ def _audit_source(cfg: RankerConfig, key: str, data: DataConfig, tasks: list[Tas
 
     findings = _label_findings(tasks, stats) + _leak_findings(cfg, tasks, pred, stats) + _corr_findings(tasks, stats)
     if time_column:
-        findings += _time_findings(time_column, tasks, times, drift_n, drift_s)
+        t = train.schema.field(time_column).type
+        findings += _time_findings(time_column, tasks, times, drift_n, drift_s, pa.types.is_timestamp(t) or pa.types.is_date(t))
     return findings
 
 
@@ -441,11 +460,12 @@ def _corr_findings(tasks: list[TaskSpec], stats: dict[str, _LabelStats]) -> list
     return out
 
 
-def _time_findings(col: str, tasks: list[TaskSpec], times: dict[str, _TimeStats], drift_n: dict, drift_s: dict) -> list[Finding]:
+def _time_findings(col: str, tasks: list[TaskSpec], times: dict[str, _TimeStats], drift_n: dict, drift_s: dict,
+                   is_time: bool = False) -> list[Finding]:
     out = []
     tr = times["train"]
     for split, ts in times.items():
-        span = f"{ts.lo:g} .. {ts.hi:g}" if math.isfinite(ts.lo) else "no values"
+        span = f"{_time_text(ts.lo, is_time)} .. {_time_text(ts.hi, is_time)}" if math.isfinite(ts.lo) else "no values"
         out.append(Finding("temporal", "info", None, col, None, f"{split}: {col} {span}, {ts.nulls:,} missing of {ts.rows:,}"))
         if ts.nulls:
             out.append(Finding("temporal", "warning", None, col, ts.nulls / max(ts.rows, 1),
@@ -454,7 +474,7 @@ def _time_findings(col: str, tasks: list[TaskSpec], times: dict[str, _TimeStats]
             share = ts.before / (ts.rows - ts.nulls)
             if share > 0:
                 out.append(Finding("temporal", "warning", None, col, share,
-                                   f"{split}: {share:.1%} of rows are earlier than the latest train row ({tr.hi:g}): not a "
+                                   f"{split}: {share:.1%} of rows are earlier than the latest train row ({_time_text(tr.hi, is_time)}): not a "
                                    "temporal split, so offline metrics are optimistic for a model served on later traffic"))
     for t in tasks:
         n, s = drift_n[t.name], drift_s[t.name]

@@ -357,7 +357,7 @@ class TrainConfig(_Strict):
     weighting_params: WeightingParams = Field(default_factory=WeightingParams)
     # per epoch: task-gradient cosines/norms and gate usage on this many sampled steps; 0 = off
     diagnostics_batches: int = Field(default=8, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # numpy wants >= 0, torch a signed 64-bit integer
     # early stopping: "mean" = mean of each task's primary metric (AUC, or R^2 for regression),
     # or "TASK.METRIC" such as "ctr.auc" / "watch.rmse"; orientation is known per metric
     monitor: str = "mean"

@@ -54,7 +54,7 @@ from ranker.config import parse_config
 from ranker.errors import RankerError
 from ranker.features import _hash_array, value_kind
 from ranker.files import usual_mode
-from ranker.training.data import resolve_files
+from ranker.training.data import label_values, resolve_files
 
 SAMPLE_ROWS = 100_000
 CODE_VALUES = 64  # integer columns with at most this many distinct values also enter as a code
@@ -215,11 +215,7 @@ def _feature(name: str, col: pa.ChunkedArray, taken: set[str] = frozenset()) -> 
 
 
 def _label_values(table: pa.Table, column: str, where: str) -> np.ndarray:
-    col = table.column(column)
-    t = col.type
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-        raise RankerError(f"{where}: label column {column!r} has type {t}; labels must be numeric")
-    y = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    y = label_values(table.column(column), where, column)
     return np.where(np.isfinite(y), y, np.nan)
 
 

@@ -144,6 +144,22 @@ def test_temporal_checks(tmp_path: Path) -> None:
     assert any(f.kind == "temporal" and f.message.startswith("val: ts 5000") for f in findings)
 
 
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_timestamp_time_columns_of_any_unit(tmp_path: Path, unit: str) -> None:
+    """ns timestamps (pandas' default) lie past 2**53: the checked cast to float raised; the
+    ranges are dates, not raw epoch counts printed as 1.70407e+15."""
+    def stamped(n: int, seed: int, start: str) -> pa.Table:
+        t = _table(n, seed, copy=False).drop_columns(["ts"])
+        times = np.datetime64(start, unit) + np.arange(n) * np.timedelta64(60, "s").astype(f"timedelta64[{unit}]")
+        return t.append_column("ts", pa.array(times, pa.timestamp(unit, tz="UTC")))
+    path = _write(tmp_path, {"train": stamped(2000, 0, "2024-01-01"), "val": stamped(500, 1, "2024-03-01")})
+    findings = audit(load_config(path), time_column="ts")
+    spans = {f.message.split(":")[0]: f.message for f in findings if f.kind == "temporal" and f.severity == "info"}
+    assert spans["train"].startswith("train: ts 2024-01-01 00:00:00 .. 2024-01-02 09:19:00"), spans
+    assert spans["val"].startswith("val: ts 2024-03-01 00:00:00 .."), spans
+    assert not [f for f in findings if f.kind == "temporal" and f.severity != "info"]
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _write(tmp_path, {"train": _table(500, 0, copy=False), "val": _table(200, 1, copy=False)})
     assert main(["audit", "--config", str(path), "--time-column", "name"]) == 2

@@ -90,6 +90,7 @@ CONFIG_ERRORS = {
     # sizes past any address space (hundreds of TiB): torch's allocator refuses them on any machine
     "tower_too_wide": (lambda r: r["model"].update(tower_dims=[10**12]), r"model: its parameters do not fit in memory \(check model\.tower_dims\[0\]\)"),
     "table_too_large": (lambda r: r["features"][0].update(buckets=10**13), r"do not fit in memory \(check features\[0\]\.(buckets|dim) \(user_id\)\)"),
+    "negative_seed": (lambda r: r["train"].update(seed=-1), r"train\.seed: Input should be greater than or equal to 0"),
 }
 
 
@@ -119,6 +120,9 @@ DATA_ERRORS = {
     "wrong_column_type": (lambda t: t.set_column(t.schema.get_field_index("category"), "category", pa.array([1.5] * t.num_rows)), r"bad\.parquet: column 'category' has type double"),
     "empty_data": (lambda t: t.slice(0, 0), r"data\.train: .* holds no rows"),
     "label_outside_0_1": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([2] * t.num_rows, pa.int64())), r"bad\.parquet: column 'click' has value 2; binary task 'ctr' needs 0 or 1"),
+    # a sentinel past 2**53 (here INT64_MIN): the checked cast to float raised a traceback
+    "huge_int_label": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([-(2**63)] + [0] * (t.num_rows - 1), pa.int64())),
+                       r"bad\.parquet: column 'click' has value -9\.22337e\+18; binary task 'ctr' needs 0 or 1"),
     "string_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array(["x"] * t.num_rows)), r"label column 'watch_seconds' has type string"),
     # no clicks: cvr (masked by click) has no row to learn from
     "no_labelled_rows": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())),

@@ -207,11 +207,21 @@ class ParquetSource:
                     break
 
 
-def _numeric(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
+def label_values(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
+    """A label or mask column -> float64, NaN where null. An all-null column of Arrow type
+    null (how writers store a partition without the value) is all NaN; int64 past 2**53
+    rounds, as a number should (a checked cast raised a traceback on a sentinel like
+    INT64_MIN; the binary check then names the value).
+
+    Raises:
+        RankerError: a non-numeric column, naming ``where`` and the column.
+    """
     t = col.type
+    if pa.types.is_null(t):
+        return np.full(len(col), np.nan)
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
         raise RankerError(f"{where}: label column {name!r} has type {t}; labels must be numeric")
-    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
 def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) -> Batch:
@@ -221,14 +231,14 @@ def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) ->
     for t in tasks:
         if t.label is None:  # a product task: derived below from its factors
             continue
-        y = _numeric(rb.column(t.label), where, t.label)
+        y = label_values(rb.column(t.label), where, t.label)
         if t.type == "binary":
             bad = np.isfinite(y) & (y != 0) & (y != 1)
             if bad.any():
                 raise RankerError(f"{where}: column {t.label!r} has value {y[bad][0]:g}; binary task {t.name!r} needs 0 or 1")
         y = np.where(np.isfinite(y), y, np.nan)
         if t.mask:
-            m = _numeric(rb.column(t.mask), where, t.mask)
+            m = label_values(rb.column(t.mask), where, t.mask)
             y = np.where(m == 1, y, np.nan)
         out[f"label:{t.name}"] = torch.from_numpy(y.astype(np.float32))
     for t in tasks:

@@ -46,7 +46,14 @@ import numpy as np
 from ranker.config import DataConfig, RankerConfig, TaskSampling, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import concat_batches
-from ranker.training.data import Loader, ParquetSource, Unit, check_disjoint_splits, label_columns, plan_units
+from ranker.training.data import (
+    Loader,
+    ParquetSource,
+    Unit,
+    check_disjoint_splits,
+    label_columns,
+    plan_units,
+)
 
 SOURCE_SEED_STRIDE = 7_777_777  # source s shuffles with seed + s * stride (source 0: the seed itself)
 
