@@ -103,6 +103,18 @@ def test_config_errors_exit_2_naming_the_key(case: str, tiny_logs: Path, tmp_pat
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("lr", [10.0, 1e6])
+def test_a_diverged_run_is_one_line_and_writes_no_bundle(lr: float, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights gone NaN (lr 1e6) crashed the val pass with a traceback; huge but finite ones
+    (lr 10) wrote a bundle scoring watch as inf, which serving then refused to load."""
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(lr=lr, epochs=1))
+    code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]  # after the run's log lines
+    assert line.startswith("ranker: error: train: the model") and re.search(r"scores [\d,]+ rows of task '\w+' as NaN or infinite: training diverged; lower train\.lr", line), line
+    assert not (tmp_path / "b").exists()
+
+
 def _rewrite_train(cfg: Path, table: pa.Table) -> Path:
     train = cfg.parent / "train"
     shutil.rmtree(train)

@@ -122,15 +122,25 @@ def evaluate(
     model.eval()
     accs = accumulators([(t.name, t.type) for t in tasks])
     names = [t.name for t in tasks]
+    broken = np.zeros(len(names))  # rows scored NaN/inf per task: a diverged model
     with torch.inference_mode():
         for batch in loader(units=units):
             out = model.predict(to_device(batch, device), names)
             labels = {t: batch[f"label:{t}"].numpy() for t in names}
             scores = {t: out[t].float().cpu().numpy() for t in names}
-            for t in names:
+            for k, t in enumerate(names):
+                bad = ~np.isfinite(scores[t])
+                if bad.any():  # kept out of the metrics, which assume finite scores; raised below
+                    broken[k] += bad.sum()
+                    scores[t] = np.where(bad, 0.0, scores[t]).astype(scores[t].dtype)
                 accs[t].update(labels[t], scores[t])
             if observe is not None:
                 observe(labels, scores)
+    broken = ranks.sum(torch.from_numpy(broken)).numpy()  # every rank raises alike, none waits
+    if broken.any():
+        k = int(np.flatnonzero(broken)[0])
+        raise RankerError(f"train: the model scores {int(broken[k]):,} rows of task {names[k]!r} as NaN or infinite: training "
+                          "diverged; lower train.lr (or the tasks' weights)")
     metrics, scores = {}, {}
     for t in tasks:
         metrics[t.name], scores[t.name] = accs[t.name].result(ranks)
