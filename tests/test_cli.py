@@ -103,6 +103,18 @@ def test_config_errors_exit_2_naming_the_key(case: str, tiny_logs: Path, tmp_pat
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(("key", "where"), [("checkpoint", "b"), ("checkpoint", "b/ck"), ("log_dir", "b"), ("log_dir", "b/tb")])
+def test_checkpoints_or_logs_inside_out_are_refused_before_training(key: str, where: str, tiny_logs: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """They were found only when the bundle write met them, after the whole run."""
+    value = {"dir": str(tmp_path / where), "every_steps": 1} if key == "checkpoint" else str(tmp_path / where)
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update({key: value}))
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(tmp_path / "b")], capsys)[::2])
+    name = "train.checkpoint.dir" if key == "checkpoint" else "train.log_dir"
+    assert line.startswith(f"ranker: error: {name}: ") and ("is --out" if where == "b" else "is inside --out") in line, line
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("lr", [10.0, 1e6])
 def test_a_diverged_run_is_one_line_and_writes_no_bundle(lr: float, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Weights gone NaN (lr 1e6) crashed the val pass with a traceback; huge but finite ones

@@ -394,6 +394,12 @@ class Trainer:
         except RankerError as e:
             return str(e)
         ck = self.cfg.train.checkpoint
+        target = out.resolve()
+        for key, folder in (("train.checkpoint.dir", ck.dir if ck else None), ("train.log_dir", self.cfg.train.log_dir)):
+            f = Path(folder).resolve() if folder is not None else None
+            if f is not None and (f == target or target in f.parents):
+                return (f"{key}: {folder} is {'--out' if f == target else 'inside --out'} ({out}); the bundle replaces that "
+                        "folder whole, so these files need a folder of their own")
         if ck is not None and not resume and (found := checkpoints(ck.dir)):
             return (f"train.checkpoint.dir: {ck.dir} holds an earlier run's checkpoints (newest {found[0].name}); "
                     "pass --resume to continue that run, or remove them to start afresh")
