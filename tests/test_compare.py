@@ -229,6 +229,16 @@ def _fake_results(cfg, runs, val_pct: dict[str, float], test_pct: dict[str, floa
     return results
 
 
+def test_runs_write_no_shared_checkpoints_and_log_apart(tmp_path: Path) -> None:
+    """A config with train.checkpoint made every run write one folder: the second run was
+    refused (the first's checkpoints; compare cannot --resume) after the first had trained."""
+    cfg = load_config(write_logs(tmp_path, rows=200, train={"checkpoint": {"dir": "ck", "every_steps": 1}, "log_dir": "tb"}))
+    runs = plan(cfg, 2, weighting_variants(cfg, ["static"]))
+    assert all(r.cfg.train.checkpoint is None for r in runs)
+    assert len({r.cfg.train.log_dir for r in runs}) == len(runs) == 2 * (1 + 3)
+    assert all(Path(r.cfg.train.log_dir) == Path(cfg.train.log_dir) / r.name for r in runs)
+
+
 def test_best_variant_is_chosen_on_val_and_reported_on_test(tmp_path: Path) -> None:
     cfg = load_config(write_logs(tmp_path, rows=200))
     runs = plan(cfg, 3, weighting_variants(cfg, ["static", "pcgrad"]))

@@ -131,8 +131,12 @@ def untested_tasks(cfg: RankerConfig) -> list[str]:
     return [t for t in compared_tasks(cfg) if t not in tested]
 
 
-def _seeded(cfg: RankerConfig, seed: int) -> RankerConfig:
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+def _seeded(cfg: RankerConfig, seed: int, name: str) -> RankerConfig:
+    """The run's config: its seed, TensorBoard scalars under ``log_dir/<run name>``, and no
+    checkpoints (every run would write one folder, the second refusing the first's files,
+    and a compare cannot resume a run)."""
+    log_dir = str(Path(cfg.train.log_dir) / name) if cfg.train.log_dir else None
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "checkpoint": None, "log_dir": log_dir})})
 
 
 def plan(cfg: RankerConfig, seeds: int, variants: dict[str, RankerConfig]) -> list[Run]:
@@ -142,9 +146,11 @@ def plan(cfg: RankerConfig, seeds: int, variants: dict[str, RankerConfig]) -> li
     for i in range(seeds):
         seed = cfg.train.seed + i
         for name, c in variants.items():
-            runs.append(Run(f"multi-{name}-seed{seed}", "multi", name, None, seed, _seeded(c, seed)))
+            run = f"multi-{name}-seed{seed}"
+            runs.append(Run(run, "multi", name, None, seed, _seeded(c, seed, run)))
         for t in compared_tasks(cfg):
-            runs.append(Run(f"single-{t}-seed{seed}", "single", SINGLE_WEIGHTING, t, seed, _seeded(single_task_config(cfg, t), seed)))
+            run = f"single-{t}-seed{seed}"
+            runs.append(Run(run, "single", SINGLE_WEIGHTING, t, seed, _seeded(single_task_config(cfg, t), seed, run)))
     return runs
 
 
