@@ -6,6 +6,7 @@ rather than a silently ignored setting. Imports nothing else of ranker's but ``e
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -64,16 +65,16 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class DataConfig(_Strict):
-    train: str  # a file, a directory of *.parquet, or a glob
-    val: str
-    test: str | None = None
+    train: str = Field(min_length=1)  # a file, a folder (sub-folders included) or a glob
+    val: str = Field(min_length=1)
+    test: str | None = Field(default=None, min_length=1)
 
 
 class FeatureSpec(_Strict):
     name: str = Field(min_length=1)
     # categorical: one int64 or string value; multi_hot: list<int64|string>; dense: a number
     type: Literal["categorical", "multi_hot", "dense"]
-    column: str | None = None  # the Parquet column; defaults to ``name``
+    column: str | None = Field(default=None, min_length=1)  # the Parquet column; defaults to ``name``
     buckets: PositiveInt | None = None  # hash buckets (categorical, multi_hot); +1 for "missing"
     dim: PositiveInt | None = None  # embedding width (categorical, multi_hot)
     # dense only, the older spelling of ``encoding: log1p``: log1p compresses heavy tails
@@ -136,7 +137,7 @@ class TaskSpec(_Strict):
     type: Literal["binary", "regression"]
     label: str | None = Field(default=None, min_length=1)  # required unless ``product`` is set
     # rows where this label column is not 1 add nothing to the task's loss or metrics
-    mask: str | None = None
+    mask: str | None = Field(default=None, min_length=1)
     # regression only: the model learns MSE on transform(label); scores come back in label units
     transform: Literal["none", "log1p"] = "none"
     weight: float = Field(default=1.0, ge=0.0)  # used by the ``static`` weighting
@@ -485,13 +486,32 @@ def parse_config(raw: object, source: str = "config") -> RankerConfig:
         raise RankerError(f"{source}: {where}: {msg}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys without a word: a second ``train:``
+    block dropped the first's settings. Here a repeated key is an error naming it and its line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> RankerConfig:
     """Read and validate a YAML config. Relative data paths resolve against the file's folder."""
     p = Path(path)
+    if p.is_dir():
+        raise RankerError(f"{p}: is a folder; --config takes the YAML file")
     if not p.is_file():
         raise RankerError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as e:
+        raise RankerError(f"{p}: not valid YAML (not UTF-8 text: byte {e.start})") from None
     except yaml.YAMLError as e:
         raise RankerError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     cfg = parse_config(raw, str(p))

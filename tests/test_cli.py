@@ -90,6 +90,9 @@ CONFIG_ERRORS = {
     # sizes past any address space (hundreds of TiB): torch's allocator refuses them on any machine
     "tower_too_wide": (lambda r: r["model"].update(tower_dims=[10**12]), r"model: its parameters do not fit in memory \(check model\.tower_dims\[0\]\)"),
     "table_too_large": (lambda r: r["features"][0].update(buckets=10**13), r"do not fit in memory \(check features\[0\]\.(buckets|dim) \(user_id\)\)"),
+    # an empty string switched the key off without a word (cvr trained on every row)
+    "empty_mask": (lambda r: r["tasks"][1].update(mask=""), r"tasks\[cvr\]\.mask: String should have at least 1 character"),
+    "empty_test_path": (lambda r: r["data"].update(test=""), r"data\.test: String should have at least 1 character"),
     "negative_seed": (lambda r: r["train"].update(seed=-1), r"train\.seed: Input should be greater than or equal to 0"),
 }
 
@@ -125,6 +128,21 @@ def test_a_diverged_run_is_one_line_and_writes_no_bundle(lr: float, tiny_logs: P
     line = err.strip().splitlines()[-1]  # after the run's log lines
     assert line.startswith("ranker: error: train: the model") and re.search(r"scores [\d,]+ rows of task '\w+' as NaN or infinite: training diverged; lower train\.lr", line), line
     assert not (tmp_path / "b").exists()
+
+
+def test_config_files_that_yaml_reads_loosely_are_errors(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A repeated key kept the last one silently (a second train: block dropped the first's
+    settings); bytes that are not UTF-8 gave a traceback; a folder was "not found"."""
+    cfg = copy_logs(tiny_logs, tmp_path)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(cfg.read_text() + "train:\n  epochs: 1\n")
+    line = _err(*run(["train", "--config", str(dup), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert re.search(r"dup\.yaml: not valid YAML \(duplicate key 'train' at line \d+\)$", line), line
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00x")
+    line = _err(*run(["train", "--config", str(tmp_path / "bin.yaml"), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert line.endswith("bin.yaml: not valid YAML (not UTF-8 text: byte 0)"), line
+    line = _err(*run(["train", "--config", str(tmp_path), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert line.endswith(": is a folder; --config takes the YAML file"), line
 
 
 def _rewrite_train(cfg: Path, table: pa.Table) -> Path:
