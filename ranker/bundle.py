@@ -121,9 +121,18 @@ def write_atomic_dir(out: Path, files: dict[str, bytes]) -> None:
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "b")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous bundle back: --out must not be left missing
+                os.replace(old / "b", out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RankerError(f"{out}: cannot write a bundle there ({e.strerror or e}); nothing there was changed") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +150,26 @@ def test_atomic_write_keeps_old_bundle_on_failure(tmp_path: Path, monkeypatch: p
         real(path, data)
 
     monkeypatch.setattr(bundle_mod, "_fsync_write", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RankerError, match=r"bundle: cannot write a bundle there \(disk full\); nothing there was changed"):
         write_atomic_dir(out, {"a.json": b"new", "b.json": b"x"})
     assert (out / "a.json").read_bytes() == b"{}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp")]
+    monkeypatch.setattr(bundle_mod, "_fsync_write", real)
+
+    # the swap itself fails once the old bundle is moved aside: it is put back, not left hidden
+    real_replace, calls = os.replace, []
+
+    def second_fails(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundle_mod.os, "replace", second_fails)
+    with pytest.raises(RankerError, match="No space left on device"):
+        write_atomic_dir(out, {"a.json": b"new"})
+    assert (out / "a.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .bundle.old-* or .tmp- left
 
 
 def test_load_bundle_names_the_broken_file(tiny_bundle: Path, tmp_path: Path) -> None:
