@@ -331,15 +331,27 @@ class Trainer:
         total = sum_label_counts([p[1] for p in parts])
         types = self.task_types
 
-        def undefined(name: str) -> bool:  # its primary metric on val: AUC needs both classes, R^2 two rows
-            n, pos = total[name]
-            return n == 0 or (pos in (0, n) if types[name] == "binary" else n < 2)
-
         monitor = self.cfg.train.monitor
-        task = monitor.partition(".")[0]
+        task, _, metric = monitor.partition(".")
+
+        def undefined(name: str) -> bool:  # the monitored metric on val, from the label counts
+            n, pos = total[name]
+            m = metric or PRIMARY[types[name]]
+            if n == 0:
+                return True
+            if m in ("auc", "ne"):  # both classes (NE divides by the base rate's entropy)
+                return pos in (0, n)
+            if m == "calibration":  # mean score over mean label
+                return pos == 0
+            return m == "r2" and n < 2  # constant labels are found after the epoch (no variance kept here)
+
         watched = list(total) if monitor == "mean" else [task] if task in total else []
         if watched and all(undefined(t) for t in watched):
             raise RankerError(self._undefined_monitor(sources, {t: {} for t in watched}))
+        left_out = [t for t in watched if undefined(t)]
+        if left_out:  # "mean" over the others: say so, or epochs are chosen on fewer tasks unseen
+            self.log(f"warning: train.monitor 'mean' leaves out {', '.join(map(repr, left_out))}: undefined on the val "
+                     "split (no labelled rows, or one class); epochs are chosen on the other tasks")
 
     @staticmethod
     def _losses_after(model: MultiTaskRanker, batch: dict[str, torch.Tensor], tasks: list[str], types: dict[str, str],
@@ -416,7 +428,8 @@ class Trainer:
         where = ", ".join(dict.fromkeys(k for k, _ in bad)) or "data.val"
         tasks = ", ".join(repr(t.name) for _, t in bad)
         return (f"{where}: train.monitor {monitor!r} is undefined on the val split: task(s) {tasks} "
-                "have no labelled rows there, or a binary task only one class; epochs cannot be chosen on it")
+                "have no labelled rows there, only one class (AUC, NE), no positives (calibration) or constant "
+                "labels (R²); epochs cannot be chosen on it")
 
     def _run(self, out: Path, resume: bool) -> TrainResult:
         cfg, tc, ranks = self.cfg, self.cfg.train, self.ranks
