@@ -165,6 +165,10 @@ DATA_ERRORS = {
     # a sentinel past 2**53 (here INT64_MIN): the checked cast to float raised a traceback
     "huge_int_label": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([-(2**63)] + [0] * (t.num_rows - 1), pa.int64())),
                        r"bad\.parquet: column 'click' has value -9\.22337e\+18; binary task 'ctr' needs 0 or 1"),
+    "infinite_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array([float("inf")] * t.num_rows)),
+                       r"bad\.parquet: column 'watch_seconds' has value inf; task 'watch' needs finite labels"),
+    "negative_log1p_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array([-3.0] * t.num_rows)),
+                             r"bad\.parquet: column 'watch_seconds' has value -3; task 'watch' learns log1p\(label\), which needs labels >= 0"),
     "string_label": (lambda t: t.set_column(t.schema.get_field_index("watch_seconds"), "watch_seconds", pa.array(["x"] * t.num_rows)), r"label column 'watch_seconds' has type string"),
     # no clicks: cvr (masked by click) has no row to learn from
     "no_labelled_rows": (lambda t: t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())),

@@ -232,10 +232,16 @@ def extract_labels(rb: pa.RecordBatch, tasks: Sequence[TaskSpec], where: str) ->
         if t.label is None:  # a product task: derived below from its factors
             continue
         y = label_values(rb.column(t.label), where, t.label)
+        if np.isinf(y).any():  # NaN or null is "unlabelled"; an infinite label is broken data
+            raise RankerError(f"{where}: column {t.label!r} has value {y[np.isinf(y)][0]:g}; task {t.name!r} needs finite "
+                              "labels (null or NaN where a row has none)")
         if t.type == "binary":
             bad = np.isfinite(y) & (y != 0) & (y != 1)
             if bad.any():
                 raise RankerError(f"{where}: column {t.label!r} has value {y[bad][0]:g}; binary task {t.name!r} needs 0 or 1")
+        elif t.transform == "log1p" and (y < 0).any():  # log1p of a negative label was clamped to 0 unseen
+            raise RankerError(f"{where}: column {t.label!r} has value {y[y < 0][0]:g}; task {t.name!r} learns log1p(label), "
+                              "which needs labels >= 0 (drop transform: log1p for signed targets)")
         y = np.where(np.isfinite(y), y, np.nan)
         if t.mask:
             m = label_values(rb.column(t.mask), where, t.mask)
