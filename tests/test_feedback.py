@@ -288,6 +288,28 @@ def test_whole_requests_refused_with_a_4xx(bundle_path: Path) -> None:
         assert s.post([]).json() == {"accepted": 0, "rejected": {}}
 
 
+@pytest.mark.parametrize(("headers", "status", "field"), [
+    ({"content-type": "text/html"}, 415, "content-type"),
+    ({"content-type": "application/vnd.apache.arrow.stream"}, 415, "content-type"),
+    ({"content-type": "application/json", "content-encoding": "gzip"}, 415, "content-encoding"),
+    ({"content-type": "application/json", "accept": "text/html"}, 406, "accept"),
+    ({"content-type": "application/json", "accept": "application/json;q=0, */*"}, 406, "accept"),
+    ({"content-type": "application/json", "accept": "application/json;q=2"}, 406, "accept"),
+], ids=["html", "arrow", "gzip", "accept_html", "accept_json_q0", "accept_bad_q"])
+def test_media_types_not_served_are_refused(bundle_path: Path, offline: Bundle, headers: dict[str, str], status: int, field: str) -> None:
+    """/feedback reads and answers JSON only, as its document says (it had accepted any type)."""
+    body = json.dumps({"events": [{"model_version": offline.version, "task": "ctr", "score": 0.5, "label": 0}]}).encode()
+    with serve(bundle_path) as s:
+        r = s.post(body, **headers)
+        assert r.status_code == status, r.text
+        assert (r.json()["reason"], r.json()["field"]) == ("bad_media_type", field)
+        assert r.json()["detail"].startswith(f"{field}: ")
+        assert s.value("ranker_feedback_invalid_requests_total", reason="bad_media_type") == 1
+        assert s.value("ranker_feedback_events_total", task="ctr", outcome="accepted") == 0  # nothing counted
+        for ok in ({}, {"content-type": "application/json; charset=utf-8", "accept": "*/*"}, {"content-encoding": "identity"}):
+            assert s.post(body, **ok).json() == {"accepted": 1, "rejected": {}}
+
+
 def test_feedback_answers_are_counted_by_status_class(bundle_path: Path, offline: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     """ranker_feedback_requests_total{status}: every /feedback answer, a server failure (labels
     lost) included; /predict's ranker_requests_total does not count them, nor they it."""
@@ -368,4 +390,5 @@ def test_openapi_documents_feedback(bundle_path: Path) -> None:
         op = s.client.get("/openapi.json").json()["paths"]["/feedback"]["post"]
     schema = op["requestBody"]["content"]["application/json"]["schema"]
     assert set(schema["properties"]["events"]["items"]["properties"]) == {"model_version", "task", "score", "label"}
-    assert {"401", "413", "422"} <= set(op["responses"])
+    assert {"401", "406", "413", "415", "422"} <= set(op["responses"])  # 406 and 415 now happen (tested above)
+    assert set(op["requestBody"]["content"]) == {"application/json"}

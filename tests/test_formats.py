@@ -4,6 +4,7 @@ app (TestClient) and a real `ranker serve` process."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -264,15 +265,25 @@ def test_compressed_arrow_bodies_decode_only_read_columns_within_a_bound() -> No
         assert r.json()["detail"] == "body: its columns decode to more than 1,048,576 bytes"
 
 
-@pytest.mark.parametrize(("content_type", "accept", "status"), [
-    ("text/csv", None, 415),
-    ("application/json", "text/html", 406),
-])
-def test_media_types_not_served_are_refused(content_type: str, accept: str | None, status: int) -> None:
-    headers = {"content-type": content_type} | ({"accept": accept} if accept else {})
+@pytest.mark.parametrize(("headers", "status", "field"), [
+    ({"content-type": "text/csv"}, 415, "content-type"),
+    ({"content-type": "text/plain"}, 415, "content-type"),  # was read as JSON
+    ({"content-type": "application/json", "accept": "text/html"}, 406, "accept"),
+    ({"content-type": "application/json", "accept": "application/json;q=0"}, 406, "accept"),
+    ({"content-type": "application/json", "accept": "application/json;q=abc"}, 406, "accept"),
+    ({"content-type": "application/json", "content-encoding": "gzip"}, 415, "content-encoding"),  # was "not valid JSON"
+    ({"content-type": ARROW_STREAM, "content-encoding": "gzip"}, 415, "content-encoding"),
+], ids=["csv", "text_plain", "accept_html", "accept_json_q0", "accept_bad_q", "gzip_json", "gzip_arrow"])
+def test_media_types_not_served_are_refused(headers: dict[str, str], status: int, field: str) -> None:
+    body = json.dumps({"items": [{}]}).encode()
     with app() as c:
-        r = c.post("/predict", content=json.dumps({"items": [{}]}), headers=headers)
-    assert r.status_code == status and r.json()["reason"] == "bad_media_type"
+        r = c.post("/predict", content=gzip.compress(body) if "content-encoding" in headers else body, headers=headers)
+        assert r.status_code == status, r.text
+        assert (r.json()["reason"], r.json()["field"]) == ("bad_media_type", field)
+        assert r.json()["detail"].startswith(f"{field}: ")
+        assert 'ranker_invalid_requests_total{reason="bad_media_type"} 1.0' in c.get("/metrics").text
+        ok = c.post("/predict", content=body, headers={"content-type": "application/json", "content-encoding": "identity"})
+        assert ok.status_code == 200, ok.text
 
 
 def test_negotiation() -> None:
@@ -282,8 +293,32 @@ def test_negotiation() -> None:
     assert not negotiate(None, f"{ARROW_STREAM};q=0.4, application/json").arrow_response
     assert not negotiate(None, "*/*").arrow_response  # a wildcard gets the default, JSON
     assert negotiate("application/json; charset=utf-8", ARROW_STREAM).arrow_response
-    with pytest.raises(ServingError, match="content-type"):
-        negotiate("application/x-protobuf", None)
+    assert not negotiate("application/problem+json", None).arrow_request
+    # JSON refused, Arrow admitted by a wildcard: Arrow, never the type rated 0
+    for accept in ("application/json;q=0, */*", "application/json;q=0, application/*", "*/*;q=0.5, application/json;q=0",
+                   "application/json;Q=0, */*;q=0.1"):
+        assert negotiate(None, accept).arrow_response, accept
+    # the most specific range rates a type: application/* over */*
+    assert not negotiate(None, "*/*;q=0.9, application/*;q=0.1, application/json;q=0.5").arrow_response
+    assert not negotiate(None, f"{ARROW_STREAM};q=0, */*").arrow_response
+    assert not negotiate(None, "application/json;q=0.001, */*;q=0").arrow_response
+    for accept in ("application/json;q=0", f"{ARROW_STREAM};q=0, application/json;q=0", "text/*, image/png", "*/*;q=0"):
+        with pytest.raises(ServingError, match="^accept: answers are") as e:
+            negotiate(None, accept)
+        assert e.value.status == 406
+    for q in ("abc", "2", "-1", "1.5", "0.1234", "", "1e-1"):  # RFC 9110: 0 to 1, three decimals at most
+        with pytest.raises(ServingError, match="^accept: malformed") as e:
+            negotiate(None, f"application/json;q={q}")
+        assert e.value.status == 406
+    for content_type in ("application/x-protobuf", "text/plain", "*/*"):
+        with pytest.raises(ServingError, match="^content-type") as e:
+            negotiate(content_type, None)
+        assert e.value.status == 415
+    assert negotiate(None, None, "identity") == negotiate(None, None, "Identity")
+    for encoding in ("gzip", "br", "identity, gzip"):
+        with pytest.raises(ServingError, match="^content-encoding") as e:
+            negotiate(None, None, encoding)
+        assert e.value.status == 415
 
 
 def test_dense_integers_past_2_53_round_like_floats_in_every_layout(rows: pa.Table) -> None:

@@ -35,6 +35,7 @@ from ranker.serving.deps import (
     Tasks,
     Wire,
     check_content_length,
+    json_only,
     reload_request,
     require_feedback_token,
 )
@@ -109,7 +110,7 @@ async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_requ
     response_model=FeedbackResponse,
     response_model_exclude_none=True,
     responses={401: {}, **_ERRORS},  # type: ignore[dict-item]
-    dependencies=[Depends(require_feedback_token), Depends(check_content_length)],
+    dependencies=[Depends(require_feedback_token), Depends(check_content_length), Depends(json_only)],
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_REQUEST_SCHEMA}}}},
 )
 async def feedback(state: State, body: Body) -> FeedbackResponse:

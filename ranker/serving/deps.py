@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from ranker.errors import RankerError
 from ranker.serving.errors import RequestError, ServingError
 from ranker.serving.feedback import FeedbackRecorder
-from ranker.serving.formats import WireFormat, negotiate
+from ranker.serving.formats import WireFormat, negotiate, negotiate_json
 from ranker.serving.metrics import FeedbackMetrics, ScoreCollector, ServingMetrics
 from ranker.serving.multiproc import (
     SharedScores,
@@ -177,9 +177,18 @@ async def requested_tasks(request: Request, loaded: Pinned,
 
 
 async def wire_format(content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
-                      accept: Annotated[str | None, Header(include_in_schema=False)] = None) -> WireFormat:
-    """Body and answer formats from Content-Type and Accept (415/406 for ones not served)."""
-    return negotiate(content_type, accept)
+                      accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+                      content_encoding: Annotated[str | None, Header(include_in_schema=False)] = None) -> WireFormat:
+    """Body and answer formats from Content-Type, Accept and Content-Encoding (415/406 for ones
+    not served)."""
+    return negotiate(content_type, accept, content_encoding)
+
+
+async def json_only(content_type: Annotated[str | None, Header(include_in_schema=False)] = None,
+                    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+                    content_encoding: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """415/406 unless the body is (identity) JSON and ``Accept`` takes a JSON answer (/feedback)."""
+    negotiate_json(content_type, accept, content_encoding)
 
 
 Body = Annotated[bytes, Depends(body_bytes)]

@@ -18,7 +18,7 @@ Reason = Literal[
     "unknown_task",  # ?tasks= names a task the model does not have
     "bad_columns",  # column-wise bodies: columns of different lengths
     "bad_arrow",  # not a readable Arrow IPC stream, or a column of a type the feature cannot take
-    "bad_media_type",  # a Content-Type /predict does not read (415) or an Accept it cannot answer (406)
+    "bad_media_type",  # a Content-Type or Content-Encoding not read (415), an Accept not answered or malformed (406)
 ]
 REASONS: tuple[str, ...] = get_args(Reason)
 
@@ -51,4 +51,4 @@ FeedbackReason = Literal[
 ]
 FEEDBACK_REASONS: tuple[str, ...] = get_args(FeedbackReason)
 # Why a whole POST /feedback request was refused: ranker_feedback_invalid_requests_total{reason}.
-FEEDBACK_REQUEST_REASONS = ("bad_json", "bad_type", "too_many_items", "body_too_large")
+FEEDBACK_REQUEST_REASONS = ("bad_json", "bad_type", "too_many_items", "body_too_large", "bad_media_type")

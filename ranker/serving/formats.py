@@ -22,6 +22,7 @@ for ``application/vnd.apache.arrow.stream``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -38,8 +39,18 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 MODEL_VERSION_KEY = b"model_version"  # Arrow schema metadata key of an Arrow answer
 
 
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110 section 12.4.2 (fullmatch)
+
+
 def _media(header: str | None) -> list[tuple[str, float]]:
-    """'a/b;q=0.5, c/d' -> [('a/b', 0.5), ('c/d', 1.0)] (lower case, parameters dropped)."""
+    """An ``Accept`` header: 'a/b;q=0.5, c/d' -> [('a/b', 0.5), ('c/d', 1.0)] (lower case, other
+    parameters dropped).
+
+    Raises:
+        ServingError: 406 ``bad_media_type`` naming ``accept`` for a ``q`` that is not an RFC 9110
+            quality value (a number from 0 to 1, at most three decimals): guessing what
+            ``q=abc`` or ``q=2`` meant could answer in a type the client refused.
+    """
     out = []
     for part in (header or "").split(","):
         kind, *params = [p.strip() for p in part.split(";")]
@@ -47,13 +58,42 @@ def _media(header: str | None) -> list[tuple[str, float]]:
             continue
         q = 1.0
         for p in params:
-            if p.lower().startswith("q="):
-                try:
-                    q = float(p[2:])
-                except ValueError:
-                    q = 0.0
+            key, _, value = p.partition("=")
+            if key.strip().lower() == "q":
+                value = value.strip()
+                if not _QVALUE.fullmatch(value):
+                    raise ServingError(406, "bad_media_type", "accept", f"malformed: q={value!r} for {kind!r} is not a quality value from 0 to 1")
+                q = float(value)
         out.append((kind.lower(), q))
     return out
+
+
+def _quality(accepted: list[tuple[str, float]], media_type: str) -> float:
+    """How ``Accept`` rates ``media_type``: by its most specific range (the type itself, then
+    ``type/*``, then ``*/*``); 0 where none matches."""
+    rate = dict(accepted)
+    return next((rate[r] for r in (media_type, media_type.split("/")[0] + "/*", "*/*") if r in rate), 0.0)
+
+
+def check_content_encoding(header: str | None) -> None:
+    """Only identity bodies are read: a compressed body read as JSON or Arrow would be blamed
+    on its JSON or Arrow, and decoding it would need bounds of its own.
+
+    Raises:
+        ServingError: 415 ``bad_media_type`` naming ``content-encoding``.
+    """
+    codings = [c.strip().lower() for c in (header or "").split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise ServingError(415, "bad_media_type", "content-encoding", f"{header!r} is not supported; send an identity (uncompressed) body")
+
+
+def _content_type(header: str | None) -> str:
+    """The media type of a ``Content-Type`` (lower case, parameters dropped); JSON when absent."""
+    return (header or "").split(";")[0].strip().lower() or JSON
+
+
+def _is_json(kind: str) -> bool:
+    return kind == JSON or kind.endswith("+json")
 
 
 @dataclass(frozen=True)
@@ -87,34 +127,50 @@ class WireFormat:
 JSON_WIRE = WireFormat()  # JSON in (rows or columns), JSON out: the default
 
 
-def negotiate(content_type: str | None, accept: str | None) -> WireFormat:
-    """The wire format from the request's ``Content-Type`` and ``Accept`` headers.
+def negotiate(content_type: str | None, accept: str | None, content_encoding: str | None = None) -> WireFormat:
+    """The wire format from the request's ``Content-Type``, ``Accept`` and ``Content-Encoding``.
 
     A missing Content-Type, ``application/json`` and any ``+json`` type are JSON; the Arrow
-    stream type is Arrow; anything else is a 415. The answer is Arrow when ``Accept`` rates the
-    Arrow stream type above JSON (or lists it and not JSON), JSON otherwise; an ``Accept`` that
-    admits neither (nor ``*/*``, ``application/*``) is a 406.
+    stream type is Arrow; anything else (``text/plain`` included) is a 415, and so is a
+    Content-Encoding other than identity. Each answer type is rated by the most specific range
+    of ``Accept`` that matches it (``*/*`` and ``application/*`` included); the answer is Arrow
+    when Arrow is rated above JSON, JSON otherwise (a tie, no ``Accept`` at all). An ``Accept``
+    that rates both 0 is a 406, and so is a malformed ``q``; a type rated 0 is never answered.
 
     Raises:
         ServingError: 415 or 406, reason ``bad_media_type``.
     """
-    kinds = _media(content_type)
-    kind = kinds[0][0] if kinds else JSON
+    kind = _content_type(content_type)
     if kind == ARROW_STREAM:
         arrow_request = True
-    elif kind == JSON or kind.endswith("+json") or kind in ("text/plain", "*/*"):
+    elif _is_json(kind):
         arrow_request = False
     else:
         raise ServingError(415, "bad_media_type", "content-type", f"{kind!r} is not read; send {JSON} (rows or columns) or {ARROW_STREAM}")
+    check_content_encoding(content_encoding)
     accepted = _media(accept)
     if not accepted:
         return WireFormat(arrow_request, False)
-    rate = {k: q for k, q in accepted}
-    wild = max(rate.get("*/*", 0.0), rate.get("application/*", 0.0))
-    q_json, q_arrow = rate.get(JSON, wild), rate.get(ARROW_STREAM, wild)
+    q_json, q_arrow = _quality(accepted, JSON), _quality(accepted, ARROW_STREAM)
     if q_json <= 0 and q_arrow <= 0:
         raise ServingError(406, "bad_media_type", "accept", f"answers are {JSON} or {ARROW_STREAM}; {accept!r} accepts neither")
-    return WireFormat(arrow_request, ARROW_STREAM in rate and q_arrow > q_json)
+    return WireFormat(arrow_request, q_arrow > q_json)
+
+
+def negotiate_json(content_type: str | None, accept: str | None, content_encoding: str | None = None) -> None:
+    """The same checks for an endpoint that reads and answers JSON only (/feedback): a missing
+    Content-Type or a JSON one, an identity body, an ``Accept`` that rates JSON above 0.
+
+    Raises:
+        ServingError: 415 or 406, reason ``bad_media_type``.
+    """
+    kind = _content_type(content_type)
+    if not _is_json(kind):
+        raise ServingError(415, "bad_media_type", "content-type", f"{kind!r} is not read; send {JSON}")
+    check_content_encoding(content_encoding)
+    accepted = _media(accept)
+    if accepted and _quality(accepted, JSON) <= 0:
+        raise ServingError(406, "bad_media_type", "accept", f"answers are {JSON}; {accept!r} does not accept it")
 
 
 def encode_arrow_response(version: str, scores: Mapping[str, np.ndarray]) -> bytes:
