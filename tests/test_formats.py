@@ -144,6 +144,9 @@ BAD_COLUMNS = [
     # a bag is padded to its longest list: one long list would cost every candidate its length
     ("list_too_long", {"columns": {"tags": [["a"], ["a"] * 5]}}, "too_many_values", "columns.tags[1]"),
     ("list_too_long_rows", {"items": [{}, {"tags": ["a"] * 5}]}, "too_many_values", "items[1].tags"),
+    # a context list is named as such, not as the first candidate it was broadcast to
+    ("context_list_too_long", {"context": {"tags": ["a"] * 5}, "columns": {"price": [1.0]}}, "too_many_values", "context.tags"),
+    ("context_list_too_long_rows", {"context": {"tags": ["a"] * 5}, "items": [{}]}, "too_many_values", "context.tags"),
 ]
 
 BAD_ARROW = [

@@ -243,6 +243,7 @@ BAD_REQUESTS = [
     ("items_null", {"items": None}, "bad_type", "items"),
     # 2 KB: msgspec recursing into an unknown key's value (a RecursionError, once a 500)
     ("deep_nesting", '{"items": [{"x": ' + "[" * 1000 + "]" * 1000 + "}]}", "bad_json", "body"),
+    ("context_list_too_long", {"context": {"tags": ["a"] * 1001}, "items": [{}]}, "too_many_values", "context.tags"),
 ]
 
 

@@ -283,6 +283,8 @@ class RequestParser:
             if value is None:
                 out[c.source] = self._array(values, c)
                 continue
+            if c.type == "multi_hot" and len(value) > self.max_list_values:  # named before it is broadcast to every item
+                raise RequestError("too_many_values", f"context.{c.source}", f"{len(value):,} values; at most {self.max_list_values:,}")
             shared = self._array([value], c)[0]
             if values.count(None) == n:  # a context-only column (the usual case): no per-item values to read
                 out[c.source] = pa.repeat(shared, n)
