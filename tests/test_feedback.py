@@ -271,6 +271,7 @@ def test_whole_requests_refused_with_a_4xx(bundle_path: Path) -> None:
         cases = [
             (b'{"events": [', 422, "bad_json"),
             (b'{"events": [], "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 422, "bad_json"),  # too deep for msgspec and json
+            (b'{"events": [{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}]}", 422, "bad_json"),
             (b'{"events": 3}', 422, "bad_type"),
             (b"[]", 422, "bad_type"),
             (json.dumps({"events": [{}] * 6}).encode(), 422, "too_many_items"),
@@ -281,6 +282,8 @@ def test_whole_requests_refused_with_a_4xx(bundle_path: Path) -> None:
             r = s.post(body)
             assert r.status_code == status, (body[:40], r.text)
             assert r.json()["reason"] == reason
+            if b"[" * 1000 in body:  # valid JSON: named so, not "not valid JSON (maximum recursion depth ...)"
+                assert r.json()["detail"] == "body: nested too deeply"
             seen[reason] = seen.get(reason, 0) + 1
             assert s.value("ranker_feedback_invalid_requests_total", reason=reason) == seen[reason]
         # none of them counts as a refused /predict request

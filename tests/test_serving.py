@@ -243,6 +243,8 @@ BAD_REQUESTS = [
     ("items_null", {"items": None}, "bad_type", "items"),
     # 2 KB: msgspec recursing into an unknown key's value (a RecursionError, once a 500)
     ("deep_nesting", '{"items": [{"x": ' + "[" * 1000 + "]" * 1000 + "}]}", "bad_json", "body"),
+    # the same with a type error: the slow path's parser had called it "not valid JSON (recursion limit ...)"
+    ("deep_nesting_type_error", '{"items": [{"price": "x", "x": ' + "[" * 1000 + "]" * 1000 + "}]}", "bad_json", "body"),
     ("context_list_too_long", {"context": {"tags": ["a"] * 1001}, "items": [{}]}, "too_many_values", "context.tags"),
 ]
 
@@ -258,6 +260,8 @@ def test_bad_input_is_422_naming_the_field(bundle_path: Path, body: Any, reason:
         err = r.json()
         assert err["reason"] == reason and err["field"] == field
         assert err["detail"].startswith(f"{field}: ")
+        if "[" * 1000 in str(body):  # valid JSON, only too deep
+            assert err["detail"] == "body: nested too deeply"
         assert s.value("ranker_invalid_requests_total", reason=reason) == 1
         assert sum(s.value("ranker_invalid_requests_total", reason=x) for x in REASONS) == 1
         assert s.value("ranker_requests_total", status="4xx") == 1

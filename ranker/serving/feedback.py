@@ -39,6 +39,7 @@ from ranker.quality import log_loss_terms
 from ranker.reference import assign_bins
 from ranker.serving.errors import FEEDBACK_REASONS, ServingError
 from ranker.serving.metrics import FeedbackMetrics
+from ranker.serving.parsing import NESTED_TOO_DEEPLY
 from ranker.serving.predictor import LoadedModel
 
 FEEDBACK_PATH = "/feedback"
@@ -104,10 +105,14 @@ def parse_events(body: bytes, max_events: int) -> _Columns:
     try:
         events: list[Any] = _DECODER.decode(body).events
         fast = True
-    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):  # RecursionError: msgspec skipping a deep unknown key
+    except RecursionError:  # msgspec skipping a deep unknown key; json.loads would fail alike
+        raise ServingError(422, "bad_json", "body", NESTED_TOO_DEEPLY) from None
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         try:
             doc = json.loads(body)  # accepts NaN/Infinity and 1e999, so they can be named per event
-        except (ValueError, RecursionError) as e:
+        except RecursionError:
+            raise ServingError(422, "bad_json", "body", NESTED_TOO_DEEPLY) from None
+        except ValueError as e:
             raise ServingError(422, "bad_json", "body", f"not valid JSON ({e})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
             raise ServingError(422, "bad_type", "events", 'the body must be an object {"events": [...]} with a list of events') from None

@@ -55,6 +55,7 @@ _DECIMAL = re.compile(r"[+-]?[0-9]+")  # fullmatch; Arrow's RE2 twin below
 DECIMAL_RE2 = r"^[+-]?[0-9]+$"
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array", type(None): "null"}
 CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
+NESTED_TOO_DEEPLY = "nested too deeply"  # the message of a body past a JSON parser's depth limit, valid or not
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ def _request_error(e: ValidationError) -> RequestError:
     loc, typ, msg = tuple(err["loc"]), err["type"], err["msg"]
     reason: Reason = "bad_type"
     if typ == "json_invalid":
-        reason, msg = "bad_json", msg.removeprefix("Invalid JSON: ")
-        return RequestError(reason, "body", f"not valid JSON ({msg})")
+        msg = msg.removeprefix("Invalid JSON: ")
+        if msg.startswith("recursion limit exceeded"):  # valid JSON, as msgspec's RecursionError says
+            return RequestError("bad_json", "body", NESTED_TOO_DEEPLY)
+        return RequestError("bad_json", "body", f"not valid JSON ({msg})")
     if loc == ("items",) and typ in ("missing", "too_short"):
         return RequestError("empty_items", "items", "needs a list of at least one item")
     if loc == ("items",) and typ == "too_long":
@@ -215,7 +218,7 @@ class RequestParser:
         try:
             req = self._decoder.decode(body)
         except RecursionError:  # msgspec skipping an unknown key's deeply nested value
-            raise RequestError("bad_json", "body", "nested too deeply") from None
+            raise RequestError("bad_json", "body", NESTED_TOO_DEEPLY) from None
         except (msgspec.MsgspecError, UnicodeDecodeError):
             return self._slow(body)  # invalid, or valid in a shape msgspec refuses: pydantic says which
         columns = None if req.columns is UNSET else req.columns
@@ -320,7 +323,7 @@ class RequestParser:
         except ValidationError as e:
             raise _request_error(e) from None
         except RecursionError:
-            raise RequestError("bad_json", "body", "nested too deeply") from None
+            raise RequestError("bad_json", "body", NESTED_TOO_DEEPLY) from None
         # Valid, but not in a shape the fast path takes (e.g. one column mixing JSON integers
         # and decimal strings, or a boolean id): the validated values have every id as an int.
         items, columns = req.items, req.columns  # type: ignore[attr-defined]
