@@ -93,12 +93,17 @@ def test_healthz_readyz_and_model_info(bundle_path: Path, offline: Bundle) -> No
         assert s.client.get("/healthz").json() == {"status": "ok"}
         r = s.client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "not ready"
+        assert s.client.head("/readyz").status_code == 503
         assert s.value("ranker_ready") == 0
         with s.client:  # lifespan: warm-up, then ready
             r = s.client.get("/readyz")
             assert r.status_code == 200 and r.json() == {"status": "ready", "model_version": offline.version}
             assert s.value("ranker_ready") == 1
             info = s.client.get("/model").json()
+            for path in ("/healthz", "/readyz", "/model", "/metrics"):  # HEAD wherever GET is (was 405)
+                head, get = s.client.head(path), s.client.get(path)
+                assert head.status_code == 200 and head.content == b"", path
+                assert head.headers["content-type"] == get.headers["content-type"], path
     assert info["version"] == offline.version and info["architecture"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == list(TASKS)
     assert {f["name"]: f["column"] for f in info["features"]}["category"] == "item_category"

@@ -1,7 +1,7 @@
 """The HTTP app: ``create_app(settings)`` and thin route handlers.
 
     POST /predict?tasks=ctr,cvr   score items; only the requested towers run
-    GET  /metrics                 Prometheus exposition of the app's own registry
+    GET  /metrics                 Prometheus exposition of the app's own registry (each GET answers HEAD too)
     GET  /healthz                 the process is alive
     GET  /readyz                  model loaded and warm (503 otherwise)
     GET  /model                   version, architecture, tasks, features, training metrics
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -63,6 +63,18 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (406, 413, 415, 422)}
 router = APIRouter()
 
 
+def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``router.get`` that answers HEAD as well (RFC 9110: wherever GET is; load balancers'
+    health checks use it): the same handler, its body dropped by the server. HEAD stays out of
+    the OpenAPI document (one operation per path)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(path, endpoint, methods=["HEAD"], **{**kwargs, "include_in_schema": False})
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
+
+
 @router.post(
     PREDICT_PATH,
     response_model=PredictResponse,
@@ -76,24 +88,24 @@ async def predict(state: State, loaded: Pinned, tasks: Tasks, wire: Wire, body: 
     return Response(prediction.body, media_type=prediction.media_type, headers=headers, background=BackgroundTask(state.observe, loaded, prediction))
 
 
-@router.get("/metrics", include_in_schema=False)
+@_get("/metrics", include_in_schema=False)
 def metrics(state: State) -> Response:
     return Response(state.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
+@_get("/healthz", response_model=Health, response_model_exclude_none=True)
 def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@_get("/readyz", response_model=Health, responses={503: {"model": Health}})
 def readyz(state: State) -> Response:
     if not state.ready:
         return JSONResponse(Health(status="not ready").model_dump(), status_code=503)
     return JSONResponse(Health(status="ready", model_version=state.current.version).model_dump())
 
 
-@router.get("/model", response_model=ModelInfo)
+@_get("/model", response_model=ModelInfo)
 def model(loaded: Pinned) -> ModelInfo:
     return loaded.info()
 
