@@ -36,7 +36,8 @@ def test_openapi_types_every_feature_and_lists_the_tasks() -> None:
     assert set(item) == set(columns) == {f.source for f in b.config.features}
     for f in b.config.features:
         kind = b.featurizer.kinds.get(f.name)
-        value = {"dense": {"number"}, "int": {"integer", "string"}, "str": {"string"}}["dense" if f.type == "dense" else kind]
+        # booleans for ids: the parser takes them (a boolean training column hashes as 0/1)
+        value = {"dense": {"number"}, "int": {"integer", "string", "boolean"}, "str": {"string"}}["dense" if f.type == "dense" else kind]
         row = item[f.source]
         assert f"`{f.name}`" in row["description"] and f.type in row["description"]
         if f.type == "multi_hot":
@@ -46,8 +47,12 @@ def test_openapi_types_every_feature_and_lists_the_tasks() -> None:
             assert _types(row) == value | {"null"}
         col = next(s for s in columns[f.source]["anyOf"] if s.get("type") == "array")
         assert col["items"]["anyOf"][-1] == {"type": "null"}
+        assert (col["minItems"], col["maxItems"]) == (1, settings.max_items)  # one value per candidate, as items are bounded
     assert item["user_id"]["anyOf"][0]["maximum"] == 2**63 - 1  # int64 ids, also as decimal strings
     assert "item_category" in item and "category" not in item  # keyed by the request key, not the feature name
+    assert "uniqueItems" not in tasks["schema"]  # ?tasks=ctr,ctr is served (a repeated name counts once)
+    for body in ("PredictRows", "PredictColumnar"):  # "context": null is read as no context
+        assert {"type": "null"} in schemas[body]["properties"]["context"]["anyOf"]
 
     # a reload to another model version rebuilds the document
     state = app.state.serving

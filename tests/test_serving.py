@@ -117,7 +117,9 @@ def test_openapi_documents_predict(bundle_path: Path) -> None:
     op = spec["paths"]["/predict"]["post"]
     assert {"$ref": "#/components/schemas/PredictRows"} in op["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
     assert "items" in spec["components"]["schemas"]["PredictRows"]["properties"]
-    assert {"413", "422"} <= set(op["responses"])
+    assert {"413", "422", "503"} <= set(op["responses"])  # 503: overloaded (test_overload_sheds_with_503...)
+    assert "409" in spec["paths"]["/admin/reload"]["post"]["responses"]  # several workers
+    assert set(spec["paths"]["/healthz"]) == {"get"}  # HEAD is served, not documented as an operation of its own
 
 
 # ---------------------------------------------------------------- /predict: parity

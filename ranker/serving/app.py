@@ -59,6 +59,7 @@ from ranker.serving.settings import ServingSettings
 log = logging.getLogger("ranker.serving")
 PREDICT_PATH = "/predict"
 _ERRORS = {code: {"model": ErrorResponse} for code in (406, 413, 415, 422)}
+_OVERLOADED = {503: {"model": ErrorResponse, "description": "overloaded: every worker busy and max_queue requests waiting; retry later"}}
 
 router = APIRouter()
 
@@ -78,7 +79,7 @@ def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..
 @router.post(
     PREDICT_PATH,
     response_model=PredictResponse,
-    responses=_ERRORS,  # type: ignore[arg-type]
+    responses={**_ERRORS, **_OVERLOADED},  # type: ignore[dict-item]
     dependencies=[Depends(check_content_length)],
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
 )
@@ -110,7 +111,9 @@ def model(loaded: Pinned) -> ModelInfo:
     return loaded.info()
 
 
-@router.post("/admin/reload", response_model=ReloadResponse, responses={401: {}, 404: {}, 422: {"model": ErrorResponse}})
+@router.post("/admin/reload", response_model=ReloadResponse,
+             responses={401: {}, 404: {}, 409: {"model": ErrorResponse, "description": "several worker processes: roll them with SIGHUP"},
+                        422: {"model": ErrorResponse}})
 async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_request)]) -> ReloadResponse:
     old, new = await state.reload(req.bundle)
     log.info("reloaded %s: version %s -> %s", req.bundle, old.version, new.version)

@@ -2,7 +2,7 @@
 
 FastAPI's document knows only the generic ``PredictRequest``. This module rewrites the
 /predict operation from the bundle being served: each feature's request key with its JSON type
-(an int64 id as an integer or a decimal string, a string, a number, a list of either), the
+(an int64 id as an integer, a decimal string or a boolean, a string, a number, a list of either), the
 row-wise and column-wise JSON layouts, the Arrow stream, ``tasks`` as a list of the bundle's
 task names, and the answer's ``scores`` keyed by those tasks. The document is rebuilt when a
 reload swaps in another model version.
@@ -19,14 +19,17 @@ from ranker.serving.formats import ARROW_STREAM, JSON
 from ranker.serving.parsing import DECIMAL_RE2, INT64_MAX, INT64_MIN, Column
 from ranker.serving.predictor import LoadedModel
 
-_ARROW_TYPES = {"dense": "any integer or floating type", "int": "any integer type, or strings of decimal digits", "str": "string, large_string or dictionary<string>"}
+_ARROW_TYPES = {"dense": "any integer or floating type", "int": "any integer type or boolean, or strings of decimal digits",
+                "str": "string, large_string or dictionary<string>"}
 
 
 def _value_schema(c: Column) -> dict[str, Any]:
     if c.type == "dense":
         return {"type": "number"}
     if c.kind == "int":
-        return {"anyOf": [{"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}, {"type": "string", "pattern": DECIMAL_RE2}]}
+        # booleans too: a boolean training column is an int64 id column (hashed as 0/1)
+        return {"anyOf": [{"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}, {"type": "string", "pattern": DECIMAL_RE2},
+                          {"type": "boolean"}]}
     return {"type": "string"}
 
 
@@ -34,7 +37,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [*schema["anyOf"], {"type": "null"}]} if "anyOf" in schema else {"anyOf": [schema, {"type": "null"}]}
 
 
-def _feature_schema(c: Column, features: str, column: bool) -> dict[str, Any]:
+def _feature_schema(c: Column, features: str, column: bool, max_items: int) -> dict[str, Any]:
     """One request key: its value (or, column-wise, its list of one value per candidate)."""
     value = _nullable(_value_schema(c))
     if c.type == "multi_hot":
@@ -42,7 +45,8 @@ def _feature_schema(c: Column, features: str, column: bool) -> dict[str, Any]:
     kind = f", {c.kind} values" if c.kind else ""
     desc = f"{features} ({c.type}{kind}); null or absent: missing"
     if column:
-        return {"anyOf": [{"type": "array", "items": value}, {"type": "null"}], "description": f"one value per candidate: {desc}"}
+        values = {"type": "array", "minItems": 1, "maxItems": max_items, "items": value}
+        return {"anyOf": [values, {"type": "null"}], "description": f"one value per candidate: {desc}"}
     return {**value, "description": desc}
 
 
@@ -67,12 +71,13 @@ def predict_schemas(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
 
     Example:
         >>> predict_schemas(loaded)["PredictColumns"]["properties"]["price"]  # doctest: +SKIP
-        {'anyOf': [{'type': 'array', 'items': {'anyOf': [{'type': 'number'}, {'type': 'null'}]}}, ...]}
+        {'anyOf': [{'type': 'array', 'minItems': 1, 'maxItems': 10000, 'items': {'anyOf': [{'type': 'number'}, {'type': 'null'}]}}, ...]}
     """
-    cols = _columns(loaded)
-    item = {"type": "object", "properties": {c.source: _feature_schema(c, d, False) for c, d in cols}, "additionalProperties": True}
-    columns = {"type": "object", "properties": {c.source: _feature_schema(c, d, True) for c, d in cols}, "additionalProperties": True}
+    cols, n = _columns(loaded), loaded.parser.max_items
+    item = {"type": "object", "properties": {c.source: _feature_schema(c, d, False, n) for c, d in cols}, "additionalProperties": True}
+    columns = {"type": "object", "properties": {c.source: _feature_schema(c, d, True, n) for c, d in cols}, "additionalProperties": True}
     ref = "#/components/schemas/"
+    context = {"anyOf": [{"$ref": ref + "PredictItem"}, {"type": "null"}]}  # null: no context
     tasks = loaded.task_names
     return {
         "PredictItem": {**item, "title": "PredictItem", "description": "One candidate's features, keyed by request key."},
@@ -82,7 +87,7 @@ def predict_schemas(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
             "type": "object",
             "required": ["items"],
             "properties": {
-                "context": {"$ref": ref + "PredictItem", "description": "values for every item; an item's own non-null value wins"},
+                "context": {**context, "description": "values for every item; an item's own non-null value wins"},
                 "items": {"type": "array", "minItems": 1, "maxItems": loaded.parser.max_items, "items": {"$ref": ref + "PredictItem"}},
             },
         },
@@ -91,7 +96,7 @@ def predict_schemas(loaded: LoadedModel) -> dict[str, dict[str, Any]]:
             "type": "object",
             "required": ["columns"],
             "properties": {
-                "context": {"$ref": ref + "PredictItem", "description": "values for every candidate; a column's own non-null value wins"},
+                "context": {**context, "description": "values for every candidate; a column's own non-null value wins"},
                 "columns": {"$ref": ref + "PredictColumns"},
             },
         },
@@ -132,7 +137,7 @@ def _patch(doc: dict[str, Any], loaded: LoadedModel, path: str) -> dict[str, Any
                 "style": "form",
                 "explode": False,
                 "description": "comma-separated task names; default all",
-                "schema": {"type": "array", "uniqueItems": True, "items": {"type": "string", "enum": loaded.task_names}},
+                "schema": {"type": "array", "items": {"type": "string", "enum": loaded.task_names}},  # a repeated name counts once
             })
     ok = op["responses"]["200"]
     ok["content"] = {

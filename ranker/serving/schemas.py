@@ -19,7 +19,7 @@ FeatureValue = int | float | str | list[int | str | None] | None
 class PredictRequest(BaseModel):
     """Feature values keyed by source column. Context values apply to every item; an item's
     own non-null value wins. A missing or null feature counts as missing. int64 ids may be
-    JSON integers or decimal strings."""
+    JSON integers, decimal strings or booleans (hashed as 0/1)."""
 
     context: dict[str, FeatureValue] = Field(default_factory=dict, examples=[{"user_id": "1152921504606846976", "device": "ios"}])
     items: list[dict[str, FeatureValue]] = Field(min_length=1, examples=[[{"item_category": "c3", "price": 12.5}]])
