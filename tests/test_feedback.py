@@ -344,10 +344,14 @@ def test_feedback_answers_are_counted_by_status_class(bundle_path: Path, offline
 def test_feedback_token(bundle_path: Path, offline: Bundle) -> None:
     event = [{"model_version": offline.version, "task": "ctr", "score": 0.5, "label": 0}]
     with serve(bundle_path, feedback_token=TOKEN) as s:
+        assert s.value("ranker_feedback_invalid_requests_total", reason="unauthorized") == 0
         assert s.post(event).status_code == 401
         assert s.post(event, Authorization="Bearer nope").status_code == 401
         r = s.post(event, Authorization=f"Bearer {TOKEN}")
         assert r.status_code == 200 and r.json()["accepted"] == 1
+        # a refused token shows where refused requests are counted, with its own reason
+        assert s.value("ranker_feedback_invalid_requests_total", reason="unauthorized") == 2
+        assert s.value("ranker_feedback_events_total", task="ctr", outcome="accepted") == 1
         assert s.client.post("/predict", json={"items": [{}]}).status_code == 200  # /predict stays open
     settings = ServingSettings.from_env({"RANKER_FEEDBACK_TOKEN": TOKEN}, bundle=bundle_path)
     assert settings.feedback_token is not None and settings.feedback_token.get_secret_value() == TOKEN

@@ -216,10 +216,12 @@ async def reload_request(request: Request, _admin: Annotated[None, Depends(requi
 
 
 async def require_feedback_token(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Open while no feedback token is configured; else 401 unless ``Authorization: Bearer <token>``."""
+    """Open while no feedback token is configured; else 401 unless ``Authorization: Bearer <token>``,
+    counted as reason ``unauthorized`` (a label pipeline with a stale token loses every label)."""
     token = state.settings.feedback_token
     if token is None:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        state.feedback.metrics.invalid.labels("unauthorized").inc()
         raise HTTPException(401, "POST /feedback needs 'Authorization: Bearer <RANKER_FEEDBACK_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})

@@ -50,5 +50,6 @@ FeedbackReason = Literal[
     "bad_label",  # a binary task's label other than 0 or 1; a regression task's below 0
 ]
 FEEDBACK_REASONS: tuple[str, ...] = get_args(FeedbackReason)
-# Why a whole POST /feedback request was refused: ranker_feedback_invalid_requests_total{reason}.
-FEEDBACK_REQUEST_REASONS = ("bad_json", "bad_type", "too_many_items", "body_too_large", "bad_media_type")
+# Why a whole POST /feedback request was refused: ranker_feedback_invalid_requests_total{reason}
+# (unauthorized: a 401, no or the wrong RANKER_FEEDBACK_TOKEN).
+FEEDBACK_REQUEST_REASONS = ("bad_json", "bad_type", "too_many_items", "body_too_large", "bad_media_type", "unauthorized")
