@@ -129,7 +129,8 @@ async def reload(state: State, req: Annotated[ReloadRequest, Depends(reload_requ
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_REQUEST_SCHEMA}}}},
 )
 async def feedback(state: State, body: Body) -> FeedbackResponse:
-    """Count labelled events (any replica takes any event; nothing is kept per prediction)."""
+    """Count labelled events of the model versions this pod has loaded (nothing is kept per
+    prediction; in a rolling update a new pod refuses the replaced version's late labels)."""
     return FeedbackResponse.model_validate(await anyio.to_thread.run_sync(state.feedback.record, body))
 
 

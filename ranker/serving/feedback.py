@@ -5,8 +5,8 @@ closed, the score it was served and the final label::
 
     {"events": [{"model_version": "3f2a...", "task": "ctr", "score": 0.031, "label": 0}, ...]}
 
-Negatives are explicit events: the server keeps no state per prediction, so any replica takes
-any event, and replaying old logs through the endpoint gives the same sums. Each event is
+Negatives are explicit events: the server keeps no state per prediction, so replaying old logs
+through the endpoint gives the same sums. Each event is
 checked (reasons in ``ranker.serving.errors.FeedbackReason``); the good ones are added to the
 counters of ``FeedbackMetrics`` per task and model version, the others counted by reason. A
 body that cannot be read at all is refused whole (422, nothing counted).
@@ -14,7 +14,9 @@ body that cannot be read at all is refused whole (422, nothing counted).
 Model versions are the label values of every sum, so they must come from a bounded set: the
 server accepts the versions it has loaded (the current bundle and the last few it served
 before a reload), whose reference bins it knows. An event of any other version is refused as
-``unknown_model_version``.
+``unknown_model_version``. That set is per pod (its workers share it): any pod takes the
+events of the version every pod serves, but after a rolling update the new pods refuse the late
+labels of the version they replaced.
 
 Validation is vectorised: msgspec decodes the body into typed structs in C, and the checks and
 sums are numpy operations over all events, then one counter update per (task, version, bin).
