@@ -58,8 +58,8 @@ def wait_for(cond, timeout: float = 90.0) -> None:  # noqa: ANN001
 
 
 def wait_all_ready(url: str, mdir: Path, workers: int) -> None:
-    """Every worker up and warm: ``ranker_ready`` is the minimum over the workers that have
-    written their gauge, so it reads 1 with one warm worker while another is still starting."""
+    """Every worker up and warm: the supervisor counts them warm (``ranker_ready`` reads 0
+    until it does) and each has written its live gauges."""
     wait_for(lambda: len(live_gauge_pids(mdir)) == workers and value(scrape(url), "ranker_ready") == 1)
 
 
@@ -240,14 +240,22 @@ def test_sighup_rolls_the_workers_onto_the_bundle_the_path_names_now(tmp_path: P
         assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).headers["X-Model-Version"] == new.version
         # a worker that dies while the path names no bundle: its replacements die at start-up,
         # and the supervisor backs off (1 s, 2 s, ...) instead of restarting every 0.5 s
+        # the aborted roll's new worker is no longer expected (the log line comes just before)
+        wait_for(lambda: value(scrape(url), "ranker_workers", state="expected") == 2, timeout=10)
+        assert value(scrape(url), "ranker_workers", state="ready") == 2 and value(scrape(url), "ranker_ready") == 1
         os.kill(sorted(live_gauge_pids(mdir))[0], signal.SIGKILL)
         wait_for(lambda: "starting another in 2 s" in (tmp_path / "serve.log").read_text(), timeout=90)
         assert httpx.post(f"{url}/predict?tasks=ctr", json={"items": [{}]}).status_code == 200  # the other worker serves
+        # the crash-looping slot has no gauge file, yet the scrape sees it through the supervisor
+        down = scrape(url)
+        assert value(down, "ranker_ready") == 0, down
+        assert (value(down, "ranker_workers", state="expected"), value(down, "ranker_workers", state="ready")) == (2, 1)
         current.unlink()
         current.symlink_to(shared_bottom_bundle())  # fixed: the next replacement starts and stays
         # (a scrape first: it drops the killed worker's live gauge, which would count as a second worker)
         wait_for(lambda: bool(scrape(url)) and len(live_gauge_pids(mdir)) == 2 and len(live_gauge_pids(mdir) - live) == 1)
         wait_all_ready(url, mdir, 2)
+        assert value(scrape(url), "ranker_workers", state="ready") == 2
         # feedback version tables: one per live worker; the replaced and the killed workers'
         # were pruned by the worker that started after they died
         assert {int(f.stem.split("-")[1]) for f in mdir.glob("versions-*.json")} == live_gauge_pids(mdir)
@@ -343,11 +351,62 @@ def test_a_scrape_leaves_out_the_series_of_forgotten_versions(tmp_path: Path) ->
     assert list(tmp_path.glob("counter_*.db"))
 
 
+def test_supervisor_counts_a_rolls_new_worker_as_expected(tmp_path: Path) -> None:
+    """While a SIGHUP roll starts a worker, that worker is expected too: one that hangs in
+    start-up makes ``ranker_ready`` 0 (alive and serving old workers notwithstanding), as does
+    a slot whose worker died; and one process (no supervisor file) keeps its own gauge."""
+    from types import SimpleNamespace
+
+    from ranker.serving.multiproc import publish_workers, read_workers
+    from ranker.serving.workers import Supervisor
+
+    def worker(alive: bool, warm: bool) -> tuple[SimpleNamespace, threading.Event]:
+        started = threading.Event()
+        if warm:
+            started.set()
+        return SimpleNamespace(is_alive=lambda: alive), started
+
+    sup = Supervisor("127.0.0.1", 0, 2, "info", False)
+    try:
+        sup._metrics_dir = tmp_path
+        sup._procs = [worker(True, True), worker(True, True)]
+        sup._publish()
+        assert read_workers(tmp_path) == (2, 2)
+        sup._rolling = worker(True, False)  # the roll's new worker, still loading
+        sup._publish()
+        assert read_workers(tmp_path) == (3, 2)
+        sup._rolling = None
+        sup._procs[1] = worker(False, True)  # died
+        sup._publish()
+        assert read_workers(tmp_path) == (2, 1)
+    finally:
+        sup._hold.close()
+    ready = """
+import sys
+from pathlib import Path
+from prometheus_client import CollectorRegistry, Gauge
+from ranker.serving.multiproc import SharedScores
+Gauge("ranker_ready", "r", registry=CollectorRegistry(), multiprocess_mode="livemin").set(1)
+sys.stdout.write(SharedScores(Path(sys.argv[1])).exposition(iter([])).decode())
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for counts, want in (((2, 1), 0.0), ((3, 3), 1.0), (None, 1.0)):
+        for f in tmp_path.iterdir():
+            f.unlink()
+        if counts is not None:
+            publish_workers(tmp_path, *counts)
+        out = subprocess.run([sys.executable, "-c", ready, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        m = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(out.stdout) for s in fam.samples}
+        assert m[("ranker_ready", ())] == want, (counts, out.stdout)
+        assert m.get(("ranker_workers", (("state", "ready"),))) == (counts[1] if counts else None)
+
+
 def test_clear_dir_removes_only_metric_files(tmp_path: Path) -> None:
     from ranker.serving.multiproc import clear_dir
 
     ours = ["counter_12.db", "histogram_12.db", "gauge_livemostrecent_7.db", "gauge_all_3.db", "scores-abc123-12.bin", "versions-12.json",
-            "layout-abc123.json"]
+            "layout-abc123.json", "workers.json"]
     theirs = ["app.db", "keep.txt", "counter.db", "notes_12.db"]
     for name in ours + theirs:
         (tmp_path / name).write_bytes(b"x")

@@ -128,7 +128,10 @@ class ServingMetrics:
         self.invalid = Counter("ranker_invalid_requests", "Refused /predict requests by reason.", ["reason"], registry=r)
         # multiprocess_mode: how worker processes combine (used only with several workers)
         self.model_info = Gauge("ranker_model_info", "The model being served (value 1).", ["version", "architecture"], registry=r, multiprocess_mode="livemax")
-        self.ready = Gauge("ranker_ready", "1 when the model is loaded and warm (every live worker).", registry=r, multiprocess_mode="livemin")
+        self.ready = Gauge(
+            "ranker_ready", "1 when the model is loaded and warm (with several workers: in every worker the supervisor runs).", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
         self.shed = Counter("ranker_requests_shed", "/predict requests refused with 503: too many already waiting for a worker.", registry=r)
         self.scores = ScoreCollector(current)
         r.register(self.scores)

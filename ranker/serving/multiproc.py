@@ -8,6 +8,10 @@ Every worker answers /metrics for the whole server, whichever worker the scrape 
   its own memory-mapped files there, and a scrape sums them (``MultiProcessCollector``).
   Gauges say how to combine processes (``multiprocess_mode``: ``ranker_ready`` is the minimum
   over live workers, ``ranker_model_info`` the maximum).
+- A worker that is dead, backing off or still loading has no files, so the supervisor writes
+  how many workers it runs and how many of them are warm (``workers.json``, ``publish_workers``);
+  a scrape exports them as ``ranker_workers{state="expected"|"ready"}`` and reads
+  ``ranker_ready`` 0 while fewer are ready than expected.
 - The per-task score histograms, bin counters and drift windows come from custom collectors,
   which that mode does not see. ``SharedScores`` publishes each worker's tracker state (all-time
   bin counts, score sum, sliding-window bin counts) to a small memory-mapped file of its own
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from ranker.reference import psi
@@ -53,6 +58,7 @@ from ranker.serving.predictor import LoadedModel
 _SCORES = re.compile(r"scores-(?P<version>[0-9A-Za-z_.-]+)-(?P<pid>[0-9]+)\.bin")
 _LIVE_GAUGE = re.compile(r"gauge_live[a-z]*_(?P<pid>[0-9]+)\.db")
 _LAYOUT = re.compile(r"layout-(?P<version>[0-9A-Za-z_.-]+)\.json")
+WORKERS_FILE = "workers.json"  # the supervisor's worker counts (publish_workers)
 
 
 def multiprocess_dir() -> Path | None:
@@ -71,8 +77,26 @@ def clear_dir(path: Path) -> None:
     our score files, nothing else a shared directory may hold."""
     path.mkdir(parents=True, exist_ok=True)
     for f in path.iterdir():
-        if any(p.fullmatch(f.name) for p in (_CLIENT_DB, _SCORES, _VERSIONS, _LAYOUT)):
+        if f.name == WORKERS_FILE or any(p.fullmatch(f.name) for p in (_CLIENT_DB, _SCORES, _VERSIONS, _LAYOUT)):
             f.unlink(missing_ok=True)
+
+
+def publish_workers(path: Path, expected: int, ready: int) -> None:
+    """Write the supervisor's worker counts: ``expected``, the workers it runs (``--workers``,
+    plus the new one while a SIGHUP roll starts it), and ``ready``, those of them alive and warm."""
+    tmp = path / f".{WORKERS_FILE}.tmp"
+    tmp.write_text(json.dumps({"expected": expected, "ready": ready}))
+    os.replace(tmp, path / WORKERS_FILE)  # a reader sees the whole file or none
+
+
+def read_workers(path: Path) -> tuple[int, int] | None:
+    """(expected, ready) as the supervisor last wrote them; None without a supervisor (one
+    process) or before its first write."""
+    try:
+        doc = json.loads((path / WORKERS_FILE).read_text())
+        return int(doc["expected"]), int(doc["ready"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def publish_versions(path: Path, versions: Mapping[str, Mapping[str, TaskRef]]) -> None:
@@ -133,18 +157,39 @@ def live_versions(path: Path) -> set[str]:
 
 class _KeptVersions:
     """The multiprocess files' metrics without the series of forgotten model versions (a
-    ``model_version`` label no live worker's table holds)."""
+    ``model_version`` label no live worker's table holds), and with ``ranker_ready`` 0 while
+    the supervisor's ``workers`` (expected, ready) counts say a worker is not warm."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, workers: tuple[int, int] | None) -> None:
         self.path = path
         self.files = MultiProcessCollector(None, str(path))
+        self.workers = workers
 
     def collect(self) -> Iterator[object]:
         kept = live_versions(self.path)
+        short = self.workers is not None and self.workers[1] < self.workers[0]
         for family in self.files.collect():
             if kept:  # empty only before any worker published its table: nothing to judge by
                 family.samples = [s for s in family.samples if "model_version" not in s.labels or s.labels["model_version"] in kept]
+            if short and family.name == "ranker_ready":
+                family.samples = [s._replace(value=0.0) for s in family.samples]
             yield family
+
+
+class _Workers:
+    """``ranker_workers{state}``: the supervisor's counts of expected and ready workers."""
+
+    def __init__(self, workers: tuple[int, int]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[object]:
+        g = GaugeMetricFamily(
+            "ranker_workers", "Worker processes of this server: expected (--workers, +1 during a SIGHUP roll's start of a new one) and ready (alive and warm).",
+            labels=["state"],
+        )  # fmt: skip
+        for state, n in zip(("expected", "ready"), self.workers, strict=True):
+            g.add_metric([state], float(n))
+        yield g
 
 
 def _alive(pid: int) -> bool:
@@ -259,8 +304,11 @@ class SharedScores:
         """The whole server's metrics: every process's files plus ``collectors`` (ours, reading
         shared state), in the Prometheus text format."""
         self.forget_dead()
+        workers = read_workers(self.path)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_KeptVersions(self.path))  # type: ignore[arg-type]
+        registry.register(_KeptVersions(self.path, workers))  # type: ignore[arg-type]
+        if workers is not None:
+            registry.register(_Workers(workers))  # type: ignore[arg-type]
         for c in collectors:
             registry.register(c)  # type: ignore[arg-type]
         return generate_latest(registry)

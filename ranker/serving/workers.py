@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ranker.errors import RankerError
-from ranker.serving.multiproc import METRICS_DIR_ENV, clear_dir
+from ranker.serving.multiproc import METRICS_DIR_ENV, clear_dir, publish_workers
 from ranker.serving.settings import SECRET_ENV, ServingSettings
 
 QUICK_DEATH_S = 30.0  # a worker dead sooner than this after its start failed to start: back off
@@ -139,6 +139,11 @@ class Supervisor:
     5/3, 8/0 and 7/1 to two workers here, and a load of long-lived connections stays on one
     core. The parent holds a bound, non-listening socket on the port the whole time, which
     reserves it (and gives port 0 its number) without receiving connections.
+
+    Given the metrics directory, it writes there how many workers it runs and how many are
+    warm (``multiproc.publish_workers``) whenever that changes: a slot whose worker is dead,
+    backing off or still loading has no metric files of its own, so only the supervisor can
+    say it is missing.
     """
 
     def __init__(self, host: str, port: int, workers: int, log_level: str, access_log: bool) -> None:
@@ -156,6 +161,19 @@ class Supervisor:
         self._stop = threading.Event()
         self._roll = threading.Event()
         self._log = logging.getLogger("ranker.serving")
+        self._metrics_dir: Path | None = None
+        self._rolling: tuple[Any, Any] | None = None  # the new worker a SIGHUP roll is starting
+        self._published: tuple[int, int] | None = None
+
+    def _publish(self) -> None:
+        """Write (expected, ready) if it changed: ready counts the workers alive and warm."""
+        if self._metrics_dir is None:
+            return
+        procs = [*self._procs, *([self._rolling] if self._rolling else [])]
+        counts = (self._n + (self._rolling is not None), sum(p.is_alive() and started.is_set() for p, started in procs))
+        if counts != self._published:
+            publish_workers(self._metrics_dir, *counts)
+            self._published = counts
 
     def _start(self) -> tuple[Any, Any]:
         started = self._ctx.Event()
@@ -187,6 +205,7 @@ class Supervisor:
         stop is asked for (SIGTERM must not wait out a bundle that fails to load)."""
         deadline = time.monotonic() + timeout
         while not started.wait(0.2):
+            self._publish()  # the other workers may die meanwhile
             if not proc.is_alive() or self._stop.is_set() or time.monotonic() > deadline:
                 return False
         return proc.is_alive()
@@ -194,18 +213,25 @@ class Supervisor:
     def _rolling_restart(self) -> None:
         for i, (old, _) in enumerate(list(self._procs)):
             new, started = self._start()
-            if not self._await_start(new, started):
+            self._rolling = (new, started)
+            ok = self._await_start(new, started)
+            self._publish()
+            if not ok:
                 why = "a stop was asked for" if self._stop.is_set() else f"exit code {new.exitcode}" if not new.is_alive() else "timed out"
                 self._log.error("new worker [%s] did not start (%s); keeping worker [%s], restart aborted", new.pid, why, old.pid)
                 self._stop_one(new)
+                self._rolling = None
+                self._publish()
                 return
             self._stop_one(old)
-            self._procs[i] = (new, started)
+            self._procs[i], self._rolling = (new, started), None
+            self._publish()
             self._born[i] = time.monotonic()
             self._due.pop(i, None)  # a slot waiting out a back-off has its worker now
             self._log.info("worker [%s] replaced by [%s]", old.pid, new.pid)
 
-    def run(self) -> None:
+    def run(self, metrics_dir: Path | None = None) -> None:
+        self._metrics_dir = metrics_dir
         handlers = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: self._roll.set())
         try:
@@ -214,7 +240,9 @@ class Supervisor:
             self._quick_deaths = [0] * self._n
             due = self._due
             self._log.info("listening on http://%s:%d with %d worker processes %s", self._args[0], self.port, self._n, [p.pid for p, _ in self._procs])
+            self._publish()
             while not self._stop.wait(0.5):
+                self._publish()
                 if self._roll.is_set():
                     self._roll.clear()
                     self._rolling_restart()
@@ -312,7 +340,7 @@ def serve(settings: ServingSettings, log_level: str = "info", access_log: bool =
     os.environ[METRICS_DIR_ENV] = str(path)  # before any worker imports prometheus_client
     os.environ[SETTINGS_ENV] = settings.model_dump_json(exclude=set(SECRET_ENV))  # a dump would write them as "**********"
     try:
-        supervisor.run()
+        supervisor.run(path)
     finally:
         if given:
             clear_dir(path)
