@@ -410,3 +410,8 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path: Path) -> None:
     assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}}) == "a.b[1]: 2 in the checkpoint, 3 now"
     assert first_difference({"a": 1}, {"a": 1, "c": 2}) == "c: absent in the checkpoint, 2 now"
     assert first_difference({"a": [1]}, {"a": [1]}) is None
+    # lists of other lengths name the first entry that differs, not both whole lists
+    tasks = [{"name": n, "type": "binary", "label": n * 40} for n in ("ctr", "cvr", "watch")]
+    msg = first_difference({"tasks": tasks}, {"tasks": [tasks[0], tasks[2]]})
+    assert msg is not None and msg.startswith("tasks: 3 entries in the checkpoint, 2 now; [1] was {'name': 'cvr'") and len(msg) < 400, msg
+    assert first_difference({"f": [1, 2]}, {"f": [1, 2, 3]}) == "f: 2 entries in the checkpoint, 3 now; [2] was nothing, is 3"

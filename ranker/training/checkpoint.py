@@ -106,8 +106,8 @@ def first_difference(saved: Any, now: Any, where: str = "", explicit: Any = None
             if k not in saved and k in now and below is AT_DEFAULT:
                 continue
             if k not in saved or k not in now:
-                was = repr(saved[k]) if k in saved else "absent"
-                is_now = repr(now[k]) if k in now else "absent"
+                was = _short(saved[k]) if k in saved else "absent"
+                is_now = _short(now[k]) if k in now else "absent"
                 return f"{sub}: {was} in the checkpoint, {is_now} now"
             diff = first_difference(saved[k], now[k], sub, below)
             if diff:
@@ -121,9 +121,19 @@ def first_difference(saved: Any, now: Any, where: str = "", explicit: Any = None
             if diff:
                 return diff
         return None
+    if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)):  # lengths differ
+        i = next((i for i, (a, b) in enumerate(zip(saved, now, strict=False)) if a != b), min(len(saved), len(now)))
+        at = lambda v: _short(v[i]) if i < len(v) else "nothing"  # noqa: E731
+        return f"{where}: {len(saved)} entries in the checkpoint, {len(now)} now; [{i}] was {at(saved)}, is {at(now)}"
     if saved != now:
-        return f"{where}: {saved!r} in the checkpoint, {now!r} now"
+        return f"{where}: {_short(saved)} in the checkpoint, {_short(now)} now"
     return None
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    """repr cut to ``limit`` characters: a refusal names values, it does not dump lists."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 5] + " ...)"
 
 
 def check_resume(path: str, saved: dict[str, Any], now: dict[str, Any], explicit: dict[str, Any] | None = None) -> None:
