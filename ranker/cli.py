@@ -22,8 +22,13 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_synth(a: argparse.Namespace) -> None:
     from ranker.training.synth import write_synthetic
 
-    path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet,
-                           position_bias=a.position_bias)
+    try:
+        path = write_synthetic(a.out, rows=a.rows, seed=a.seed, task_correlation=a.task_correlation, progress=not a.quiet,
+                               position_bias=a.position_bias)
+    except RankerError as e:  # the library names its arguments; here they are flags
+        arg, sep, rest = str(e).partition(": ")
+        flags = {"rows": "--rows", "seed": "--seed", "task_correlation": "--task-correlation", "out_dir": "--out"}
+        raise RankerError(f"{flags[arg]}: {rest}" if sep and arg in flags else str(e)) from None
     print(f"wrote {a.rows:,} rows of synthetic logs and their config to {path}")
 
 
@@ -108,9 +113,15 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
 def _cmd_compare(a: argparse.Namespace) -> None:
     from ranker.config import load_config
     from ranker.training.compare import AffinitySettings, compare
+    from ranker.training.weighting import check_weighting
 
     weightings = [w.strip() for w in a.weightings.split(",") if w.strip()] if a.weightings else None
-    affinity = AffinitySettings(every=a.affinity_every, lr=a.affinity_lr) if a.affinity else None
+    for w in weightings or ():
+        check_weighting(w, "--weightings")
+    if not a.affinity and (a.affinity_every is not None or a.affinity_lr is not None):
+        flag = "--affinity-every" if a.affinity_every is not None else "--affinity-lr"
+        raise RankerError(f"{flag}: applies with --affinity only")
+    affinity = AffinitySettings(every=10 if a.affinity_every is None else a.affinity_every, lr=a.affinity_lr) if a.affinity else None
     rep = compare(load_config(a.config), a.out, seeds=a.seeds, weightings=weightings, progress=not a.quiet, source=a.config,
                   affinity=affinity)
     for r in rep["multi"]:
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weightings", default=None, help="comma-separated weighting methods (default: the config's)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--affinity", action="store_true", help="measure lookahead task affinity during the multi-task runs")
-    c.add_argument("--affinity-every", type=int, default=10, help="probe one training step in this many (default 10)")
+    c.add_argument("--affinity-every", type=int, default=None, help="probe one training step in this many (default 10)")
     c.add_argument("--affinity-lr", type=float, default=None, help="lookahead step size (default: train.lr)")
     c.set_defaults(func=_cmd_compare)
 

@@ -303,9 +303,14 @@ def test_single_task_config_keeps_everything_but_the_other_tasks(tmp_path: Path)
 def test_compare_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_logs(tmp_path, rows=200)
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "r"), "--weightings", "static,nope"]) == 2
-    assert "unknown weighting 'nope'" in capsys.readouterr().err
+    assert "ranker: error: --weightings: unknown weighting 'nope'" in capsys.readouterr().err
     assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "r"), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "r"), "--affinity-every", "5"]) == 2  # was ignored
+    assert "ranker: error: --affinity-every: applies with --affinity only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["synth", "--out", str(tmp_path / "s"), "--rows", "5"]) == 2
+    assert capsys.readouterr().err.startswith("ranker: error: --rows: ")
 
 
 def test_epoch_probe_cosine_norms_and_gates() -> None:

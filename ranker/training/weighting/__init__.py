@@ -35,9 +35,10 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 }
 
 
-def check_weighting(name: str) -> None:
+def check_weighting(name: str, key: str = "train.weighting") -> None:
+    """Raises: RankerError naming ``key`` (the config key, or the CLI flag that gave ``name``)."""
     if name not in WEIGHTINGS:
-        raise RankerError(f"train.weighting: unknown weighting {name!r}; valid: {', '.join(WEIGHTINGS)}")
+        raise RankerError(f"{key}: unknown weighting {name!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
 def build_weighting(name: str, tasks: Sequence[TaskSpec], params: WeightingParams | None = None) -> Weighting:
