@@ -356,14 +356,22 @@ class Featurizer:
 
     # ----- fitting -------------------------------------------------------------------------
     @staticmethod
-    def check_schema(features: Sequence[FeatureSpec], schema: pa.Schema, where: str) -> dict[str, ValueKind]:
-        """Check every feature column exists with a usable type; return the hashing kinds."""
+    def check_schema(features: Sequence[FeatureSpec], schema: pa.Schema, where: str, allow_null: bool = False) -> dict[str, ValueKind]:
+        """Check every feature column exists with a usable type; return the hashing kinds.
+        ``allow_null``: a column of Arrow type null (all missing: how writers store a file
+        without the value) passes and has no kind; without it, that is an error (a split's
+        merged schema, null only where no file holds a value)."""
         kinds: dict[str, ValueKind] = {}
         for f in features:
             idx = schema.get_field_index(f.source)
             if idx < 0:
                 raise RankerError(f"{where}: missing column {f.source!r} (feature {f.name!r})")
             t = schema.field(idx).type
+            if pa.types.is_null(t):
+                if allow_null:
+                    continue
+                raise RankerError(f"{where}: column {f.source!r} holds no values in any file (Arrow type null); "
+                                  f"feature {f.name!r} has nothing to learn from")
             if f.type == "dense":
                 if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
                     raise RankerError(f"{where}: column {f.source!r} has type {t}; dense feature {f.name!r} needs a number")
@@ -382,7 +390,7 @@ class Featurizer:
         """Check another data set's schema against this featurizer: every column present with a
         usable type, and each hashed feature holding the same kind (int or string) as in
         training, or its values would land in other buckets."""
-        for name, kind in self.check_schema(self.features, schema, where).items():
+        for name, kind in self.check_schema(self.features, schema, where, allow_null=True).items():
             if kind != self.kinds[name]:
                 raise RankerError(f"{where}: feature {name!r} holds {kind} values but was trained on {self.kinds[name]} values")
 
@@ -479,6 +487,8 @@ class Featurizer:
         n = data.num_rows
         out: Batch = {}
         columns = dict(zip(data.schema.names, data.columns, strict=True))  # by name: one lookup each
+        if any(pa.types.is_null(t) for t in data.schema.types):
+            columns = self._typed_nulls(columns, n)
         names = columns.keys()
 
         # every hashed column at once (``bucket_values``): categorical and multi-hot values share
@@ -505,6 +515,18 @@ class Featurizer:
             out[f"bag:{f.name}"] = self._bag(bag_cols.get(f.name), bag_values.get(f.name), f, n)
         for f in self.bias_features if bias else ():
             out[f"bias:{f.name}"] = self._bias(columns.get(f.source), f, n)
+        return out
+
+    def _typed_nulls(self, columns: dict[str, pa.Array | pa.ChunkedArray], n: int) -> dict[str, pa.Array | pa.ChunkedArray]:
+        """Columns of Arrow type null (a file where a feature is all missing) as nulls of the
+        type each feature reads, so they featurize as missing values."""
+        out = dict(columns)
+        for f in self.features:
+            col = columns.get(f.source)
+            if col is None or not pa.types.is_null(col.type):
+                continue
+            value = pa.string() if self.kinds.get(f.name) == "str" else pa.int64()
+            out[f.source] = pa.nulls(n, pa.float64() if f.type == "dense" else pa.list_(value) if f.type == "multi_hot" else value)
         return out
 
     def _bias(self, col: pa.Array | pa.ChunkedArray | None, f: FeatureSpec, n: int) -> torch.Tensor:

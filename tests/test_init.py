@@ -81,6 +81,29 @@ def test_init_writes_a_config_that_trains(data: Path, tmp_path: Path, capsys: py
     assert "click" in capsys.readouterr().out
 
 
+def test_files_where_a_column_is_all_null_train_as_missing_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Writers store a file where a column holds no value as Arrow type null (a partition
+    without the feature): init took such columns, and train refused the file (type null)."""
+    def nulled(t: pa.Table) -> pa.Table:
+        for name in ("city", "income", "tags", "conversion"):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.nulls(t.num_rows))
+        return t
+    for split, seed in (("train", 0), ("val", 1)):
+        (tmp_path / split).mkdir()
+        pq.write_table(nulled(_table(500, seed)), tmp_path / split / "part-0.parquet")  # the first file of each split
+        pq.write_table(_table(1500 if split == "train" else 500, seed + 10), tmp_path / split / "part-1.parquet")
+    out = tmp_path / "config.yaml"
+    assert main(["init", "--data", str(tmp_path / "train"), "--label", "click,conversion", "--exclude", "row_id", "--out", str(out)]) == 0
+    feats = {f.name: f.type for f in load_config(out).features}
+    assert {feats["city"], feats["income"], feats["tags"]} == {"categorical", "dense", "multi_hot"}
+    raw = yaml.safe_load(out.read_text())
+    raw["train"].update(epochs=1, progress=False)
+    out.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(out), "--out", str(tmp_path / "b"), "--quiet"]) == 0, capsys.readouterr().err
+    count = re.search(r"conversion +auc=\S+ .*count=(\d+)", capsys.readouterr().out)
+    assert count and 0 < int(count.group(1)) < 1000  # the null file's rows are unlabelled for conversion
+
+
 def test_identifier_columns_become_categorical_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Ids are embedded, not numbers (64-bit ids past 2**53 included, as ``ranker synth``
     writes them); a name that only ends in "id" stays what its type says; a unique id is

@@ -151,7 +151,7 @@ class ParquetSource:
         self.key = key
         self.files = resolve_files(spec, key)
         self.num_rows = 0
-        self.schema: pa.Schema | None = None  # the first file's
+        self.schema: pa.Schema | None = None  # the first file's, null-typed columns typed as in a later file
         self.schemas: list[pa.Schema] = []  # every file's, in file order
         self.units: list[Unit] = []  # every non-empty row group, in file order (from the footers)
         for i, f in enumerate(self.files):
@@ -170,6 +170,7 @@ class ParquetSource:
             self.units += [Unit(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups) if md.row_group(g).num_rows]
         if self.num_rows == 0:
             raise RankerError(f"{key}: {spec} holds no rows")
+        self.schema = _merged_nulls(self.schemas)
 
     def check_files(self, featurizer: Featurizer) -> None:
         """Check every file's schema, not just the first's, against ``featurizer``: a column
@@ -205,6 +206,19 @@ class ParquetSource:
                     yield self.files[u.file], rb if hi - lo == rb.num_rows else rb.slice(lo, hi - lo)
                 if at >= stop:
                     break
+
+
+def _merged_nulls(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """The first schema with each column of Arrow type null (all missing in that file) given
+    the type the column has in the first file where it is not null, if any."""
+    first = schemas[0]
+    for i, field in enumerate(first):
+        if pa.types.is_null(field.type):
+            typed = next((s.field(field.name) for s in schemas[1:] if s.get_field_index(field.name) >= 0
+                          and not pa.types.is_null(s.field(field.name).type)), None)
+            if typed is not None:
+                first = first.set(i, typed)
+    return first
 
 
 def label_values(col: pa.Array | pa.ChunkedArray, where: str, name: str) -> np.ndarray:
