@@ -464,7 +464,8 @@ def _location(loc: tuple[str | int, ...], raw: object) -> str:
         if isinstance(item, int) and isinstance(node, list) and item < len(node):
             node = node[item]
             name = node.get("name") if isinstance(node, dict) else None
-            parts[-1] = f"{parts[-1]}[{name if name else item}]" if parts else str(item)
+            label = name if isinstance(name, str) and name else item  # a name of another type would read as an index
+            parts[-1] = f"{parts[-1]}[{label}]" if parts else str(item)
         else:
             parts.append(str(item))
             node = node.get(item) if isinstance(node, dict) else None

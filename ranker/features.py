@@ -373,7 +373,7 @@ class Featurizer:
                 raise RankerError(f"{where}: column {f.source!r} holds no values in any file (Arrow type null); "
                                   f"feature {f.name!r} has nothing to learn from")
             if f.type == "dense":
-                if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+                if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
                     raise RankerError(f"{where}: column {f.source!r} has type {t}; dense feature {f.name!r} needs a number")
                 continue
             if f.type == "multi_hot":

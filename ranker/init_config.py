@@ -211,6 +211,8 @@ def _feature(name: str, col: pa.ChunkedArray, taken: set[str] = frozenset()) -> 
             return [{"name": name, "type": "dense"}], ("dense; WARNING: named as an identifier but stored as floats, "
                                                        "so it cannot be embedded: write it as int64 or string, or --exclude it")
         return [{"name": name, "type": "dense"}], "dense"
+    if pa.types.is_decimal(t):  # money in exact decimals: a number to the model
+        return [{"name": name, "type": "dense"}], f"dense (from {t})"
     return [], f"left out: type {t}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import re
 from pathlib import Path
 
@@ -87,15 +88,18 @@ def test_files_where_a_column_is_all_null_train_as_missing_values(tmp_path: Path
     def nulled(t: pa.Table) -> pa.Table:
         for name in ("city", "income", "tags", "conversion"):
             t = t.set_column(t.schema.get_field_index(name), name, pa.nulls(t.num_rows))
-        return t
+        return with_decimal(t)
+
+    def with_decimal(t: pa.Table) -> pa.Table:  # money as exact decimals: a dense feature too
+        return t.append_column("fee", pa.array([decimal.Decimal(i % 97) / 4 for i in range(t.num_rows)], pa.decimal128(12, 2)))
     for split, seed in (("train", 0), ("val", 1)):
         (tmp_path / split).mkdir()
         pq.write_table(nulled(_table(500, seed)), tmp_path / split / "part-0.parquet")  # the first file of each split
-        pq.write_table(_table(1500 if split == "train" else 500, seed + 10), tmp_path / split / "part-1.parquet")
+        pq.write_table(with_decimal(_table(1500 if split == "train" else 500, seed + 10)), tmp_path / split / "part-1.parquet")
     out = tmp_path / "config.yaml"
     assert main(["init", "--data", str(tmp_path / "train"), "--label", "click,conversion", "--exclude", "row_id", "--out", str(out)]) == 0
     feats = {f.name: f.type for f in load_config(out).features}
-    assert {feats["city"], feats["income"], feats["tags"]} == {"categorical", "dense", "multi_hot"}
+    assert {feats["city"], feats["income"], feats["tags"]} == {"categorical", "dense", "multi_hot"} and feats["fee"] == "dense"
     raw = yaml.safe_load(out.read_text())
     raw["train"].update(epochs=1, progress=False)
     out.write_text(yaml.safe_dump(raw))

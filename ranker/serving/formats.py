@@ -249,7 +249,7 @@ def _check_column(col: pa.ChunkedArray, c: Column) -> pa.ChunkedArray:
         return pc.cast(col, RequestParser.arrow_type(c))  # typed, as a JSON column of nulls would be
     if c.type == "dense":
         t = _value_type(col.type)
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
             raise _bad(name, f"has type {col.type}; a dense feature needs numbers", "bad_type")
         x = pc.cast(col, pa.float64(), safe=False)  # int64 past 2**53 rounds, as in training
         finite = pc.is_finite(x)

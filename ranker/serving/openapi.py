@@ -19,7 +19,7 @@ from ranker.serving.formats import ARROW_STREAM, JSON
 from ranker.serving.parsing import DECIMAL_RE2, INT64_MAX, INT64_MIN, Column
 from ranker.serving.predictor import LoadedModel
 
-_ARROW_TYPES = {"dense": "any integer or floating type", "int": "any integer type or boolean, or strings of decimal digits",
+_ARROW_TYPES = {"dense": "any integer, floating or decimal type", "int": "any integer type or boolean, or strings of decimal digits",
                 "str": "string, large_string or dictionary<string>"}
 
 
