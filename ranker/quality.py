@@ -1,6 +1,6 @@
 """Per-task quality from additive sums: calibration, normalized entropy, binned AUC, RMSE.
 
-Production labels arrive as events long after the prediction, on any replica, so every figure
+Production labels arrive as events long after the prediction, on whichever replica took them
 here is a ratio of *sums* that add across events, batches, replicas and restarts (the way
 TorchRec keeps its metric states): Prometheus sums the counters of ``POST /feedback``, the
 recording rules in ``deploy/prometheus/rules/recording.yml`` take the same ratios, and
