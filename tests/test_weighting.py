@@ -88,6 +88,26 @@ def test_cagrad_with_c_zero_is_the_mean_gradient() -> None:
     assert torch.allclose(d, grads.mean(0))
 
 
+def test_cagrad_is_scale_free_and_resumes_from_its_warm_start() -> None:
+    """An absolute 1e-8 inside its square roots moved the coefficients once gradients were
+    small (1e-8 times: [0.434, 0.287, 0.287] -> [0.530, 0.287, 0.390]); and the warm start of
+    the dual solve was not in the checkpoint, so a resumed run solved from another point."""
+    rng = np.random.default_rng(0)
+    tasks = [TaskSpec(name=n, type="binary", label=n) for n in "abc"]
+    grams = [(a := rng.normal(size=(3, 40))) @ a.T for _ in range(4)]
+    ones = np.ones(3)
+    base = CAGrad(tasks).coefficients(grams[0], ones)
+    for s in (1e-8, 1e-12):
+        assert np.allclose(CAGrad(tasks).coefficients(grams[0] * s * s, ones), base, rtol=1e-9, atol=0)
+    first = CAGrad(tasks)
+    for g in grams[:2]:
+        first.coefficients(g, ones)
+    resumed = CAGrad(tasks)
+    resumed.load_state_dict(first.state_dict())
+    for g in grams[2:]:
+        assert np.array_equal(first.coefficients(g, ones), resumed.coefficients(g, ones))
+
+
 def test_cagrad_improves_the_worst_task_over_the_mean_gradient() -> None:
     grads = torch.tensor([[4.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)  # the mean hurts task 2
     g0 = grads.mean(0)

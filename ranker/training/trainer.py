@@ -508,7 +508,12 @@ class Trainer:
                 check_resume(ck["path"], ck["fingerprint"], fingerprint, explicit)
                 model.load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
-                weighting.load_state_dict(ck["weighting"])
+                # a method's extra state may postdate the checkpoint (CAGrad's warm start): it then
+                # starts afresh; any other difference is a real mismatch
+                missing, unexpected = weighting.load_state_dict(ck["weighting"], strict=False)
+                if unexpected or any(not k.endswith("_extra_state") for k in missing):
+                    raise RankerError(f"{ck['path']}: its weighting state does not fit train.weighting "
+                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
                 schedule.load_state_dict(ck.get("schedule") or {})
                 if scaler is not None:
                     scaler.load_state_dict(ck["scaler"])

@@ -45,7 +45,7 @@ def cagrad_weights(
     if not np.isfinite(gram).all():  # e.g. an fp16 overflow: nothing to solve, keep the start
         return w
     b = gram.mean(axis=1)  # (T,) g_i . g0
-    radius = c * np.sqrt(max(gram.mean(), 0.0) + _EPS)
+    radius = c * np.sqrt(max(gram.mean(), 0.0))  # no absolute epsilon: the solve is scale-free
     scale = max(float(np.abs(np.diag(gram)).max()), np.finfo(float).tiny)
     g = (gram + gram.T) / (2 * scale)
     bs, rs = b / scale, radius / np.sqrt(scale)
@@ -99,6 +99,17 @@ class CAGrad(GradientWeighting):
         # warm start (G changes little from step to step), pulled towards the uniform point
         start = 0.9 * self._last + 0.1 * mean if self._last is not None and len(self._last) == t else None
         w = self._last = cagrad_weights(gram, self.c, start)
-        radius = self.c * np.sqrt(max(gram.mean(), 0.0) + _EPS)
-        gw_norm = np.sqrt(max(float(w @ gram @ w), 0.0)) + _EPS
+        radius = self.c * np.sqrt(max(gram.mean(), 0.0))
+        # relative to the gradients' size: an absolute 1e-8 moved the coefficients once
+        # gradients were small (representation gradients shrink with the batch)
+        gw_norm = np.sqrt(max(float(w @ gram @ w), 0.0))
+        if gw_norm <= _EPS * np.sqrt(max(float(np.abs(np.diag(gram)).max()), 0.0)) or not np.isfinite(gw_norm):
+            return mean / (1 + self.c**2)  # g_w ~ 0: the correction has no direction
         return (mean + radius / gw_norm * w) / (1 + self.c**2)
+
+    def get_extra_state(self) -> dict:
+        """The warm start of the dual solve, so a resumed run solves from the same point."""
+        return {"last": None if self._last is None else self._last.tolist()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._last = None if state.get("last") is None else np.asarray(state["last"], dtype=np.float64)
