@@ -18,6 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from ranker.bundle import Bundle, load_bundle
 from ranker.errors import RankerError
@@ -410,6 +411,49 @@ def test_reload_swaps_the_model(bundle_path: Path, offline: Bundle) -> None:
         assert s.value("ranker_ready") == 1
 
 
+def _score_counts(s: Served) -> dict[str, tuple[float, float, float, list[float]]]:
+    """Per task: ranker_task_score_count and _sum and the bin counters in bin order as /metrics
+    shows them, and ranker_task_items_total."""
+    fams = {f.name: f for f in text_string_to_metric_families(s.client.get("/metrics").text)}
+    out = {}
+    for t in TASKS:
+        (count,) = [x.value for x in fams["ranker_task_score"].samples if x.name == "ranker_task_score_count" and x.labels["task"] == t]
+        (total,) = [x.value for x in fams["ranker_task_score"].samples if x.name == "ranker_task_score_sum" and x.labels["task"] == t]
+        bins = sorted((int(x.labels["bin"]), x.value) for x in fams["ranker_task_score_bin"].samples if x.labels["task"] == t)
+        out[t] = (count, total, s.value("ranker_task_items_total", task=t), [v for _, v in bins])
+    return out
+
+
+@pytest.mark.parametrize("metrics_dir", [False, True], ids=["one-process", "metrics-dir"])
+def test_reload_keeps_the_score_counters(bundle_path: Path, offline: Bundle, metrics_dir: bool, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The score histograms and bin counters count on over reloads, to the same version or
+    another, as they do over a multi-worker SIGHUP roll: always equal to the items served."""
+    if metrics_dir:  # one process with PROMETHEUS_MULTIPROC_DIR: score files per version, summed by a scrape
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    other = shared_bottom_bundle()
+    assert all(len(load_bundle(other).reference[t]["edges"]) == len(offline.reference[t]["edges"]) for t in TASKS)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with serve(bundle_path, admin_token=TOKEN) as s:
+        served = 0
+        seen: list[dict[str, tuple[float, float, float, list[float]]]] = []
+        for target in (bundle_path, bundle_path, other, bundle_path):
+            for n in (3, 5):
+                assert s.client.post("/predict", json=_items(n)).status_code == 200
+                served += n
+            seen.append(_score_counts(s))
+            r = s.client.post("/admin/reload", json={"bundle": str(target)}, headers=auth)
+            assert r.status_code == 200, r.text
+            seen.append(_score_counts(s))
+    for before, after in zip(seen, seen[1:], strict=False):
+        for t in TASKS:
+            count, total, _, bins = after[t]
+            assert count >= before[t][0] and total >= before[t][1], (t, before[t], after[t])
+            assert all(b >= a for a, b in zip(before[t][3], bins, strict=True)), (t, before[t], after[t])
+    for t, (count, _, items, bins) in seen[-1].items():
+        assert count == items == sum(bins) == served, (t, seen[-1][t])
+
+
 def test_broken_bundle_is_refused_and_old_model_keeps_serving(bundle_path: Path, offline: Bundle, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(bundle_path, broken)
@@ -462,6 +506,8 @@ def test_request_in_flight_finishes_on_its_model_and_loop_stays_free(bundle_path
             assert s.client.get("/healthz").status_code == 200  # the loop is not blocked
             assert s.client.post("/admin/reload", json={"bundle": str(shared_bottom_bundle())}, headers=auth).status_code == 200
         after = s.client.post("/predict?tasks=ctr", json=_items(2)).json()
+        # the held request's scores, counted by the old model's tracker after the swap, are kept
+        assert s.value("ranker_task_score_count", task="ctr") == s.value("ranker_task_items_total", task="ctr") == 4
     assert result["r"].json()["model_version"] == offline.version
     assert after["model_version"] == new.version
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from ranker.errors import RankerError
+from ranker.serving.drift import AllTimeCounts
 from ranker.serving.errors import RequestError, ServingError
 from ranker.serving.feedback import FeedbackRecorder
 from ranker.serving.formats import WireFormat, negotiate, negotiate_json
@@ -56,10 +57,26 @@ class ServingState:
         if path is not None:
             publish_versions(path, self.feedback.table())
         self.shared = SharedScores(path) if path is not None else None
+        # each task's all-time score counts, handed on from model to model (count_on)
+        self._all_time: dict[tuple[str, ...], AllTimeCounts] = {}
+        self._count_on(loaded)
         self.ready = False
         # anyio primitives bind to the running event loop, so they are made on first use
         self._limiter: anyio.CapacityLimiter | None = None
         self._reload_lock: anyio.Lock | None = None
+
+    def _count_on(self, loaded: LoadedModel) -> None:
+        """Let ``loaded``'s score trackers count on from the all-time counts of the models served
+        before it, so that a reload (even to the same version) never sends ``ranker_task_score_*``
+        back. As a multi-worker scrape sums every version's files: one process carries a task's
+        counts over whenever it has as many bins; with a metrics directory, whose score files
+        are per version and summed, only within a version (reloaded to itself)."""
+        for task, tracker in loaded.trackers.items():
+            key = (task, str(tracker.bins)) if self.shared is None else (loaded.version, task, str(tracker.bins))
+            if key in self._all_time:
+                tracker.carry(self._all_time[key])
+            else:
+                self._all_time[key] = tracker.all_time
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -105,6 +122,7 @@ class ServingState:
                 new = await anyio.to_thread.run_sync(load_model, Path(bundle), self.settings)
             except RankerError as e:
                 raise ServingError(422, "bad_bundle", "bundle", f"refused, still serving {self.current.version}: {e}") from None
+            self._count_on(new)  # before it scores anything
             old, self.current = self.current, new  # the swap: one reference assignment
             old.close()  # its batcher (if any) finishes the requests pinned to it, then stops
             self.metrics.model_loaded(new, old)

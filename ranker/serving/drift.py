@@ -3,8 +3,9 @@
 Each task's scores are counted into the reference bins of its bundle (``ranker.reference``):
 all-time counts feed ``ranker_task_score`` and ``ranker_task_score_bin_total``, and a ring
 buffer of the last ``window`` scores' bins gives the in-process ``ranker_task_drift_psi``.
-Updates are vectorised (one bincount per request) and guarded by a lock because requests are
-scored in worker threads.
+A reload hands the all-time counts on to the next model's tracker of the task (``carry``), so
+these counters never go back. Updates are vectorised (one bincount per request) and guarded by
+a lock because requests are scored in worker threads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ class TrackerSnapshot:
     total: float  # sum of all scores (the histogram's _sum)
     window: np.ndarray  # (K,) int64 items per bin among the last ``window`` scores
     psi: float  # PSI of ``window`` against the reference shares
+
+
+class AllTimeCounts:
+    """A task's all-time items per bin and score sum, and the lock that guards them and the
+    window of every tracker that counts into them (``ScoreTracker.carry``)."""
+
+    def __init__(self, bins: int) -> None:
+        self.lock = threading.Lock()
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.total = 0.0
 
 
 class ScoreTracker:
@@ -47,12 +58,18 @@ class ScoreTracker:
         self.bins = len(self.edges) + 1
         if self.shares.shape != (self.bins,):
             raise ValueError(f"{self.bins} bins but {self.shares.size} reference shares")
-        self._lock = threading.Lock()
-        self._counts = np.zeros(self.bins, dtype=np.int64)
-        self._total = 0.0
+        self.all_time = AllTimeCounts(self.bins)
         self._ring = np.full(window, -1, dtype=np.int64)  # bin of each recent score; -1 = empty slot
         self._pos = 0
         self._window = np.zeros(self.bins, dtype=np.int64)
+
+    def carry(self, all_time: AllTimeCounts) -> None:
+        """Count on from ``all_time`` (the counts of an earlier model's tracker of this task,
+        with as many bins), before this tracker counts anything. The earlier tracker keeps
+        counting into them too: requests pinned to it may still finish after a reload."""
+        if all_time.counts.shape != (self.bins,):
+            raise ValueError(f"{self.bins} bins but all-time counts of {all_time.counts.size}")
+        self.all_time = all_time
 
     def add(self, scores: np.ndarray) -> None:
         """Count a request's scores (non-finite ones are skipped: they fit no bin)."""
@@ -64,9 +81,10 @@ class ScoreTracker:
         per_bin = np.bincount(bins, minlength=self.bins)
         n = self._ring.size
         tail = bins[-n:]  # only the last ``window`` scores can stay in the ring
-        with self._lock:
-            self._counts += per_bin
-            self._total += float(s.sum())
+        a = self.all_time
+        with a.lock:
+            a.counts += per_bin
+            a.total += float(s.sum())
             slots = (self._pos + np.arange(tail.size)) % n
             old = self._ring[slots]
             self._window -= np.bincount(old[old >= 0], minlength=self.bins)
@@ -76,10 +94,10 @@ class ScoreTracker:
 
     def state(self) -> tuple[np.ndarray, float, np.ndarray]:
         """(all-time counts per bin, score sum, window counts per bin), copied under the lock."""
-        with self._lock:
-            return self._counts.copy(), self._total, self._window.copy()
+        a = self.all_time
+        with a.lock:
+            return a.counts.copy(), a.total, self._window.copy()
 
     def snapshot(self) -> TrackerSnapshot:
-        with self._lock:
-            counts, total, window = self._counts.copy(), self._total, self._window.copy()
+        counts, total, window = self.state()
         return TrackerSnapshot(counts, total, window, psi(window, self.shares))

@@ -6,7 +6,8 @@ loaded bundle, invalid-request reasons, bin indices, and the model's version/arc
 Score histograms need each task's own bucket edges (the bundle's reference bins), which a
 labelled ``Histogram`` cannot have, so ``ScoreCollector`` yields them, with the per-bin
 counters, reference shares and PSI gauges, from the loaded model's ``ScoreTracker``s at scrape
-time.
+time; a reload hands each tracker's all-time counts on to the next model's
+(``ServingState._count_on``), so these counters never go back.
 """
 
 from __future__ import annotations
