@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +12,8 @@ import pytest
 from ranker.config import FeatureSpec
 from ranker.errors import RankerError
 from ranker.features import Featurizer
-from ranker.reference import assign_bins, reference_histogram
-from ranker.serving.drift import ScoreTracker
+from ranker.reference import assign_bins, psi, reference_histogram
+from ranker.serving.drift import MIN_PSI_SCORES, ScoreTracker
 from ranker.serving.errors import RequestError
 from ranker.serving.parsing import RequestParser
 from ranker.serving.schemas import PredictResponse, encode_predict_response
@@ -46,6 +47,25 @@ def test_psi_near_zero_for_reference_like_scores_and_large_for_shifted() -> None
     shifted.add(rng.beta(3, 4, size=10_000))  # mean 0.29 -> 0.43
     assert same.snapshot().psi < 0.01
     assert shifted.snapshot().psi > 0.25
+
+
+def test_psi_is_nan_until_the_window_holds_enough_scores() -> None:
+    """Few scores drawn from the reference itself give a large PSI (10 in 10 bins: 2.4 median):
+    the gauge is NaN below MIN_PSI_SCORES, or below a smaller window's size."""
+    rng = np.random.default_rng(2)
+    ref = reference_histogram(rng.normal(size=20_000))
+    t = ScoreTracker(ref["edges"], ref["shares"], window=10_000)
+    t.add(rng.normal(size=10))
+    assert psi(t.snapshot().window, ref["shares"]) > 0.25 and math.isnan(t.snapshot().psi)
+    t.add(rng.normal(size=MIN_PSI_SCORES - 11))
+    assert math.isnan(t.snapshot().psi)
+    t.add(rng.normal(size=1))
+    assert t.snapshot().psi < 0.05
+    small = ScoreTracker(ref["edges"], ref["shares"], window=200)
+    small.add(rng.normal(size=199))
+    assert math.isnan(small.snapshot().psi)
+    small.add(rng.normal(size=1))
+    assert small.snapshot().psi < 0.25
 
 
 def test_tracker_skips_non_finite_scores_and_checks_shapes() -> None:

@@ -65,7 +65,8 @@ def wait_all_ready(url: str, mdir: Path, workers: int) -> None:
 
 def test_workers_sum_metrics_and_drift_and_survive_a_killed_worker(tmp_path: Path) -> None:
     mdir = tmp_path / "metrics"
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16", "RANKER_ADMIN_TOKEN": "t"}
+    # a window of 31 scores: PSI is a number (not NaN) once the live workers hold all 31
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(mdir), "RANKER_WARMUP_ROWS": "16", "RANKER_ADMIN_TOKEN": "t", "RANKER_DRIFT_WINDOW": "31"}
     rows = pq.read_table(serving_data().val_file).slice(0, 60).to_pylist()
     b = load_bundle(mmoe_bundle())
     ref = b.reference["ctr"]

@@ -2,7 +2,8 @@
 
 Each task's scores are counted into the reference bins of its bundle (``ranker.reference``):
 all-time counts feed ``ranker_task_score`` and ``ranker_task_score_bin_total``, and a ring
-buffer of the last ``window`` scores' bins gives the in-process ``ranker_task_drift_psi``.
+buffer of the last ``window`` scores' bins gives the in-process ``ranker_task_drift_psi``
+(NaN while the window holds fewer than ``MIN_PSI_SCORES``: the PSI of a few scores is noise).
 A reload hands the all-time counts on to the next model's tracker of the task (``carry``), so
 these counters never go back. Updates are vectorised (one bincount per request) and guarded by
 a lock because requests are scored in worker threads.
@@ -18,13 +19,24 @@ import numpy as np
 
 from ranker.reference import assign_bins, psi
 
+# fewest scores in the window for which ranker_task_drift_psi is a number (NaN below; the whole
+# window when RANKER_DRIFT_WINDOW is smaller). The drift alerts ask the same of the fleet's hour:
+# drawn from the reference itself, 10 scores in 10 bins give a median PSI of 2.4, 50 of 0.18,
+# 1,000 of about 0.01.
+MIN_PSI_SCORES = 1000
+
+
+def window_psi(window: np.ndarray, shares: np.ndarray, min_scores: int) -> float:
+    """PSI of the window's bin counts against the reference shares; NaN under ``min_scores``."""
+    return psi(window, shares) if window.sum() >= min_scores else float("nan")
+
 
 @dataclass(frozen=True)
 class TrackerSnapshot:
     counts: np.ndarray  # (K,) int64 all-time items per bin
     total: float  # sum of all scores (the histogram's _sum)
     window: np.ndarray  # (K,) int64 items per bin among the last ``window`` scores
-    psi: float  # PSI of ``window`` against the reference shares
+    psi: float  # PSI of ``window`` against the reference shares (NaN for too few scores)
 
 
 class AllTimeCounts:
@@ -47,7 +59,10 @@ class ScoreTracker:
 
     Example:
         >>> t = ScoreTracker([0.5], [0.5, 0.5], window=4)
-        >>> t.add(np.array([0.1, 0.9, 0.2, 0.8]))
+        >>> t.add(np.array([0.1, 0.9, 0.2]))
+        >>> t.snapshot().psi  # fewer than min(MIN_PSI_SCORES, window) scores
+        nan
+        >>> t.add(np.array([0.8]))
         >>> t.snapshot().window.tolist(), round(t.snapshot().psi, 6)
         ([2, 2], 0.0)
     """
@@ -59,6 +74,7 @@ class ScoreTracker:
         if self.shares.shape != (self.bins,):
             raise ValueError(f"{self.bins} bins but {self.shares.size} reference shares")
         self.all_time = AllTimeCounts(self.bins)
+        self.min_psi_scores = min(MIN_PSI_SCORES, window)
         self._ring = np.full(window, -1, dtype=np.int64)  # bin of each recent score; -1 = empty slot
         self._pos = 0
         self._window = np.zeros(self.bins, dtype=np.int64)
@@ -100,4 +116,4 @@ class ScoreTracker:
 
     def snapshot(self) -> TrackerSnapshot:
         counts, total, window = self.state()
-        return TrackerSnapshot(counts, total, window, psi(window, self.shares))
+        return TrackerSnapshot(counts, total, window, window_psi(window, self.shares, self.min_psi_scores))

@@ -75,7 +75,10 @@ class ScoreCollector(Collector):
                 "ranker_task_score_bin", "Items whose score fell into reference bin `bin` (non-cumulative).", labels=["task", "bin"]
             ),
             GaugeMetricFamily("ranker_task_score_reference", "Training reference share of each score bin.", labels=["task", "bin"]),
-            GaugeMetricFamily("ranker_task_drift_psi", "PSI of this replica's recent scores (sliding window) vs the reference.", labels=["task"]),
+            GaugeMetricFamily(
+                "ranker_task_drift_psi", "PSI of this replica's recent scores (sliding window) vs the reference; NaN until the window holds 1,000 scores (or is full, if smaller).",
+                labels=["task"],
+            ),
         )
 
     def describe(self) -> Iterator[Metric]:

@@ -17,7 +17,8 @@ Every worker answers /metrics for the whole server, whichever worker the scrape 
   bin counts, score sum, sliding-window bin counts) to a small memory-mapped file of its own
   after every request; a scrape sums the all-time counts over every file (a worker that died
   keeps its share, so the counters never go back) and the windows over the live workers only,
-  and computes PSI once on the summed window: the server's recent scores, as with one process.
+  and computes PSI once on the summed window: the server's recent scores, as with one process
+  (NaN while the summed window holds fewer than ``drift.MIN_PSI_SCORES``).
   Where each task sits in a version's score files is written once beside them
   (``layout-<version>.json``), so the files of every version ever served stay readable, however
   many versions the feedback tables (which keep only the last ``KEEP_VERSIONS``) have forgotten.
@@ -49,8 +50,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from ranker.reference import psi
-from ranker.serving.drift import TrackerSnapshot
+from ranker.serving.drift import TrackerSnapshot, window_psi
 from ranker.serving.feedback import TaskRef
 from ranker.serving.metrics import METRICS_DIR_ENV
 from ranker.serving.predictor import LoadedModel
@@ -290,7 +290,7 @@ class SharedScores:
         for task, (off, k) in layout.items():
             tracker = loaded.trackers[task]
             w = window[off + k : off + 2 * k].astype(np.int64)
-            out[task] = TrackerSnapshot(counts[off : off + k].astype(np.int64), float(counts[off + 2 * k]), w, psi(w, tracker.shares))
+            out[task] = TrackerSnapshot(counts[off : off + k].astype(np.int64), float(counts[off + 2 * k]), w, window_psi(w, tracker.shares, tracker.min_psi_scores))
         return out
 
     def forget_dead(self) -> None:

@@ -64,7 +64,7 @@ class ServingSettings(BaseModel):
     # None: POST /feedback is open; else it needs "Authorization: Bearer <token>" (from the
     # RANKER_FEEDBACK_TOKEN environment variable only)
     feedback_token: SecretStr | None = None
-    drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi
+    drift_window: int = Field(default=10_000, gt=0)  # recent scores per task behind ranker_task_drift_psi (NaN under min(1,000, this))
     warmup_rows: int = Field(default=1_000, gt=0)  # largest warm-up batch (capped at max_items) before ready
     # torch intra-op threads per forward; None = cores // (concurrency * workers), so concurrent forwards
     # do not oversubscribe the cores (OpenMP teams spin-wait: oversubscribed, a forward can
