@@ -336,8 +336,10 @@ def test_metric_values_after_known_requests(bundle_path: Path, offline: Bundle) 
         for _ in range(2):
             assert s.client.post("/predict?tasks=ctr", json={"items": [{"price": 1.0}, {"price": 5.0}, {}]}).status_code == 200
         assert s.client.post("/predict", json={"items": [{"device": "ios"}, {"price": 2.0, "device": "web"}]}).status_code == 200
+        assert s.client.post("/predict", json={"items": [{"price": "x"}]}).status_code == 422
         assert s.value("ranker_requests_total", status="2xx") == 3
-        assert s.value("ranker_request_duration_seconds_count") == 3
+        assert s.value("ranker_requests_total", status="4xx") == 1
+        assert s.value("ranker_request_duration_seconds_count") == 3  # only scored requests are timed
         assert s.value("ranker_encoder_duration_seconds_count") == 3
         for stage in ("parse", "featurize", "encode"):
             assert s.value("ranker_request_stage_duration_seconds_count", stage=stage) == 3
@@ -523,6 +525,7 @@ def test_overload_sheds_with_503_instead_of_queueing(bundle_path: Path) -> None:
     assert shed.status_code == 503 and shed.json()["reason"] == "overloaded"
     assert result["r"].status_code == 200 and after.status_code == 200
     assert "ranker_requests_shed_total 1.0" in metrics
+    assert "ranker_request_duration_seconds_count 2.0" in metrics  # the shed 503 is not timed
     assert 'ranker_requests_total{status="5xx"} 1.0' in metrics
 
 
