@@ -80,6 +80,41 @@ CONTRACT_GAUGES = (
     "ranker_task_validation_ne",
     "ranker_task_validation_rmse",
 )
+# the label names of each contract metric (histograms: of the base name; _bucket adds le), as
+# the server exports them (tests/test_serving.py checks a real /metrics against this table)
+_TV = ("task", "model_version")
+CONTRACT_LABELS: dict[str, tuple[str, ...]] = {
+    "ranker_requests_total": ("status",),
+    "ranker_task_requests_total": ("task",),
+    "ranker_task_items_total": ("task",),
+    "ranker_task_score_bin_total": ("task", "bin"),
+    "ranker_feature_missing_total": ("feature",),
+    "ranker_invalid_requests_total": ("reason",),
+    "ranker_requests_shed_total": (),
+    "ranker_feedback_events_total": ("task", "outcome"),
+    "ranker_feedback_invalid_requests_total": ("reason",),
+    "ranker_feedback_requests_total": ("status",),
+    "ranker_feedback_labelled_total": _TV,
+    "ranker_feedback_label_total": _TV,
+    "ranker_feedback_score_total": _TV,
+    "ranker_feedback_logloss_nats_total": _TV,
+    "ranker_feedback_squared_error_total": _TV,
+    "ranker_feedback_score_bin_total": (*_TV, "label", "bin"),
+    "ranker_feedback_negatives_below_total": (*_TV, "bin"),
+    "ranker_request_duration_seconds": (),
+    "ranker_encoder_duration_seconds": (),
+    "ranker_task_head_duration_seconds": ("task",),
+    "ranker_task_score": ("task",),
+    "ranker_request_stage_duration_seconds": ("stage",),
+    "ranker_task_score_reference": ("task", "bin"),
+    "ranker_task_drift_psi": ("task",),
+    "ranker_model_info": ("version", "architecture"),
+    "ranker_ready": (),
+    "ranker_task_validation_calibration": ("task",),
+    "ranker_task_validation_ne": ("task",),
+    "ranker_task_validation_rmse": ("task",),
+}
+TARGET_LABELS = frozenset({"job", "instance"})  # what Prometheus adds to every scraped series
 # series only binary tasks have, and only regression tasks have: a dashboard query selecting
 # them may be empty for a task of the other type
 BINARY_ONLY = frozenset(
@@ -143,6 +178,38 @@ def metric_names(expr: str) -> set[str]:
             continue  # a function, an aggregation or a keyword
         names.add(tok)
     return names
+
+
+def series_labels(name: str) -> frozenset[str]:
+    """The label names a series can carry: a contract series' own and the target's; a recorded
+    series', by the naming convention, its level (``task_bin:...`` -> task, bin) and the target's
+    (a level's labels are all it keeps, or fewer: ``job`` itself is a target label)."""
+    if name == "up":
+        return TARGET_LABELS
+    if ":" in name:
+        return frozenset(name.split(":")[0].split("_")) | TARGET_LABELS
+    base = name
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name.removesuffix(suffix) in CONTRACT_LABELS:
+            base = name.removesuffix(suffix)
+    extra = {"le"} if name.endswith("_bucket") else set()
+    return frozenset(CONTRACT_LABELS[base]) | extra | TARGET_LABELS
+
+
+_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+
+
+def selector_labels(expr: str) -> set[tuple[str, str]]:
+    """(metric, label) of every label matcher in ``expr`` (``x{task="a"}`` -> ("x", "task"))."""
+    s = _STRING.sub('""', expr)
+    return {(m[1], lab) for m in _SELECTOR.finditer(s) for lab in _MATCHER.findall(m[2])}
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """Label names in the ``by``/``without``/``on``/``ignoring``/``group_*`` lists of ``expr``."""
+    s = _STRING.sub('""', expr)
+    return {lab.strip() for m in _LABEL_LIST.finditer(s) for lab in m.group()[m.group().index("(") + 1 : -1].split(",") if lab.strip()}
 
 
 def rule_groups(path: Path) -> list[dict[str, Any]]:

@@ -29,6 +29,10 @@ import yaml
 from ranker.quality import QualitySums
 from ranker.serving.settings import ServingSettings
 from tests.promhelpers import (
+    CONTRACT_COUNTERS,
+    CONTRACT_GAUGES,
+    CONTRACT_HISTOGRAMS,
+    CONTRACT_LABELS,
     CONTRACT_SERIES,
     DASHBOARD,
     DEPLOY,
@@ -40,6 +44,7 @@ from tests.promhelpers import (
     dashboard_queries,
     fill_variables,
     free_port,
+    grouping_labels,
     iter_panels,
     load_dashboard,
     metric_names,
@@ -48,6 +53,8 @@ from tests.promhelpers import (
     recorded_names,
     require_tool,
     rule_groups,
+    selector_labels,
+    series_labels,
     source_series,
     start_prometheus,
     wait_for_data,
@@ -165,6 +172,30 @@ def test_rules_use_only_contract_metrics() -> None:
                 assert not unknown, (
                     f"{path.name} {rule.get('record') or rule.get('alert')}: {unknown}"
                 )
+
+
+def _every_query() -> list[tuple[str, str]]:
+    """(where, expr) of every rule and every dashboard query."""
+    rules = [(f"{p.name} {r.get('record') or r.get('alert')}", r["expr"]) for p in RULE_FILES for g in rule_groups(p) for r in g["rules"]]
+    return rules + [(f"dashboard {q.panel} {q.ref}", q.expr) for q in dashboard_queries(task="ctr")]
+
+
+def test_rules_and_dashboard_use_only_labels_their_series_have() -> None:
+    """A matcher names a label of the series it selects, and a by/on/... list only labels of
+    the series the expression reads (contract series: CONTRACT_LABELS; recorded ones: their
+    level), so a misspelt or missing label cannot pass as an empty or merged result."""
+    assert set(CONTRACT_LABELS) == {*CONTRACT_COUNTERS, *CONTRACT_HISTOGRAMS, *CONTRACT_GAUGES}
+    for where, expr in _every_query():
+        for name, label in selector_labels(expr):
+            assert label in series_labels(name), f"{where}: {name} has no label {label!r}"
+        have = set().union(*(series_labels(n) for n in metric_names(expr)))
+        assert grouping_labels(expr) <= have, f"{where}: {grouping_labels(expr) - have} on none of {metric_names(expr)}"
+
+
+def test_label_checks_catch_a_wrong_label() -> None:
+    assert selector_labels('sum by (task) (rate(ranker_task_items_total{taks="ctr"}[5m]))') == {("ranker_task_items_total", "taks")}
+    assert "taks" not in series_labels("ranker_task_items_total")
+    assert grouping_labels("sum by (job, stage) (rate(ranker_requests_total[5m]))") - series_labels("ranker_requests_total") == {"stage"}
 
 
 def test_psi_rule_sums_replicas_and_floors_shares() -> None:
@@ -803,7 +834,7 @@ class _FakeRanker:
         )
         yield gauge("ranker_task_drift_psi", ["task"], [([t], 0.05) for t in tasks])
         yield counter("ranker_feature_missing_total", ["feature"], [(["age"], n)])
-        yield counter("ranker_invalid_requests_total", ["reason"], [(["schema"], n)])
+        yield counter("ranker_invalid_requests_total", ["reason"], [(["bad_type"], n)])
         yield counter("ranker_requests_shed_total", [], [([], n)])
         yield gauge("ranker_model_info", ["version", "architecture"], [(["v1", "mmoe"], 1)])
         yield gauge("ranker_ready", [], [([], 1)])

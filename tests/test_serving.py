@@ -27,6 +27,7 @@ from ranker.serving import ServingSettings, create_app
 from ranker.serving.deps import ServingState
 from ranker.serving.errors import REASONS
 from ranker.serving.schemas import PredictResponse
+from tests.promhelpers import CONTRACT_SERIES, TARGET_LABELS, series_labels
 from tests.serving_fixtures import BIG, TASKS, mmoe_bundle, serving_data, shared_bottom_bundle
 
 TOKEN = "s3cret-token"
@@ -329,6 +330,21 @@ def test_every_series_exists_at_zero_from_start_up(bundle_path: Path, offline: B
             assert s.value("ranker_request_stage_duration_seconds_count", stage=stage) == 0
         assert s.value("ranker_model_info", version=offline.version, architecture="mmoe") == 1
         assert s.value("ranker_ready") == 1
+
+
+def test_exported_label_names_are_the_contract_tables(bundle_path: Path) -> None:
+    """Every contract series of a real /metrics carries exactly the labels CONTRACT_LABELS
+    lists (the deploy tests check the rules' and dashboard's label names against that table)."""
+    with serve(bundle_path) as s:
+        assert s.client.post("/predict", json=_items(2)).status_code == 200
+        text = s.client.get("/metrics").text
+    seen: dict[str, set[frozenset[str]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for x in fam.samples:
+            seen.setdefault(x.name, set()).add(frozenset(x.labels))
+    for name in CONTRACT_SERIES:
+        assert name in seen, name
+        assert seen[name] == {series_labels(name) - TARGET_LABELS}, (name, seen[name])
 
 
 def test_metric_values_after_known_requests(bundle_path: Path, offline: Bundle) -> None:
