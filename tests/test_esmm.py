@@ -3,6 +3,7 @@ tiny log where conversion is only recorded for clicked rows."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from ranker.bundle import load_bundle
@@ -80,6 +82,20 @@ def test_product_logit_is_the_logit_of_the_product(a: float, b: float) -> None:
     assert torch.allclose(torch.sigmoid(out), torch.sigmoid(x) * torch.sigmoid(y), rtol=1e-6, atol=1e-12)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_a_saturated_product_keeps_its_loss_and_gradient() -> None:
+    """Both factors' logits at 15 (p = 1 - 6e-7): a clamp of log p at -1e-6 gave a label-0 row
+    the loss 13.82 instead of 14.31 and no gradient, so it could never be corrected."""
+    a, b = (torch.tensor([15.0], dtype=torch.float64, requires_grad=True) for _ in range(2))
+    loss = F.binary_cross_entropy_with_logits(product_logit([a, b]), torch.zeros(1, dtype=torch.float64))
+    loss.backward()
+    p = torch.sigmoid(torch.tensor(15.0, dtype=torch.float64)) ** 2
+    assert loss.item() == pytest.approx(-math.log1p(-p.item()), rel=1e-9)
+    assert a.grad.item() == pytest.approx(0.5, rel=1e-5) and b.grad.item() == pytest.approx(0.5, rel=1e-5)
+    three = [torch.tensor([v], dtype=torch.float64) for v in (1.0, -2.0, 20.0)]  # three factors, exact too
+    want = torch.sigmoid(three[0]) * torch.sigmoid(three[1]) * torch.sigmoid(three[2])
+    assert torch.allclose(torch.sigmoid(product_logit(three)), want, rtol=1e-12, atol=0)
 
 
 def test_ctcvr_label_is_click_times_conversion_on_every_row() -> None:

@@ -31,9 +31,27 @@ def product_logit(logits: list[torch.Tensor]) -> torch.Tensor:
         >>> bool(torch.allclose(torch.sigmoid(product_logit([a, b])), torch.sigmoid(a) * torch.sigmoid(b)))
         True
     """
-    log_p = torch.stack([F.logsigmoid(a) for a in logits]).sum(0)  # (B,) log of the product
+    n = len(logits)
+    a = torch.stack(logits)  # (n, B)
+    if n <= _EXACT_FACTORS:
+        # prod sigmoid(a_i) = e^(sum a) / prod(1 + e^(a_i)), and expanding the product over the
+        # subsets S of the factors gives 1 - p = sum over S != all of e^(sum_S a) / prod(1 + e^(a_i)),
+        # so logit(p) = sum a - logsumexp over the proper subsets of sum_S a: exact, and smooth
+        # where p is near 1 (a clamp there gave saturated rows no gradient at all)
+        subsets = _proper_subsets(n, a.dtype, a.device)  # (2^n - 1, n)
+        return a.sum(0) - torch.logsumexp(subsets @ a, dim=0)
+    log_p = F.logsigmoid(a).sum(0)  # (B,) log of the product
     log_p = log_p.clamp(max=-1e-6)  # p = 1 exactly would be an infinite logit
     return log_p - _log1mexp(log_p)
+
+
+_EXACT_FACTORS = 8  # 2^n - 1 subset sums per row; beyond, the log-space form with a clamp
+
+
+def _proper_subsets(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 rows of every subset of n factors but the full one (the empty one included)."""
+    bits = torch.arange(2**n - 1, device=device).unsqueeze(1) >> torch.arange(n, device=device)
+    return (bits & 1).to(dtype)
 
 
 class ProductHead(nn.Module):
