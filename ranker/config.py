@@ -249,7 +249,8 @@ class GradientParams(_Strict):
 
 class GradNormParams(GradientParams):
     alpha: float = Field(default=1.5, ge=0)  # pull toward equal training rates; 0 = equal grad norms
-    gradients: Literal["parameters", "representation"] = "representation"  # the paper: last shared layer
+    # the paper takes the last shared layer's weights; "representation" is the encoder output every trunk reads
+    gradients: Literal["parameters", "representation"] = "representation"
 
 
 class DWAParams(_Strict):
