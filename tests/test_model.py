@@ -55,6 +55,32 @@ def test_output_shapes_and_scores(name: str) -> None:
     assert list(m(batch(), ["watch"])) == ["watch"]
 
 
+@pytest.mark.parametrize("name", [*CONFIGS, "ple3"])
+def test_shared_parameters_are_exactly_those_several_tasks_reach(name: str) -> None:
+    """Each task's loss alone, backpropagated: a trunk parameter some other task's loss also
+    reaches is shared; one only its own task reaches (MMoE's gates, PLE's last two levels'
+    gates) is not, and gradient methods treat it like a tower. PLE's task experts share one
+    tensor with the other tasks' experts, so that tensor counts as shared."""
+    cfg = CONFIGS.get(name) or ModelConfig(architecture="ple", shared_experts=1, specific_experts=1, levels=3, expert_dims=[8], tower_dims=[4])
+    torch.manual_seed(0)
+    m = MultiTaskRanker(FEATURES, TASKS, cfg)
+    with torch.no_grad():  # FiLM's generator starts at zero, which would block every gradient below it
+        for p in m.parameters():
+            if not p.any():
+                p.normal_()
+    out = m(batch(32))
+    trunk = list(m.trunk.parameters())
+    reached = [0] * len(trunk)
+    for t in ("ctr", "cvr", "watch"):
+        grads = torch.autograd.grad(out[t].sum(), trunk, retain_graph=True, allow_unused=True)
+        for i, g in enumerate(grads):
+            reached[i] += int(g is not None and bool(g.abs().sum() > 0))
+    shared = {id(p) for p in m.shared_parameters()}
+    for p, n in zip(trunk, reached, strict=True):
+        assert (id(p) in shared) == (n > 1), (name, p.shape, n)
+    assert all(id(p) in shared for p in m.encoder.parameters())
+
+
 def _spy(modules: dict[str, nn.Module]) -> list[str]:
     calls: list[str] = []
     for name, mod in modules.items():

@@ -52,6 +52,10 @@ class FiLM(nn.Module):
         nn.init.zeros_(self.to_film.weight)
         nn.init.zeros_(self.to_film.bias)
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """The wrapped trunk's (the task embedding's rows are one tensor for all tasks)."""
+        return self.inner.task_parameters()  # type: ignore[no-any-return,operator]
+
     @property
     def last_gates(self) -> dict[str, torch.Tensor]:
         return self.inner.last_gates  # type: ignore[no-any-return]

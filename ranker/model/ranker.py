@@ -58,6 +58,13 @@ class MultiTaskRanker(nn.Module):
         )
         self.last_encoding: torch.Tensor | None = None
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters more than one task's loss reaches: the encoder and the trunk less
+        what the trunk owns per task (``task_parameters``: MMoE's and PLE's last gates), which,
+        like the heads, take only their own task's gradient under a gradient method."""
+        own = {id(p) for p in self.trunk.task_parameters()}  # type: ignore[operator]
+        return list(self.encoder.parameters()) + [p for p in self.trunk.parameters() if id(p) not in own]
+
     def resolve_tasks(self, tasks: Sequence[str] | None) -> list[str]:
         if tasks is None:
             return list(self.task_names)

@@ -469,7 +469,7 @@ class Trainer:
             # the weighting backpropagates losses times get_scale(); scaling one value
             # sets up the scaler's state as its own scale() would
             scaler.scale(torch.ones((), device=device))
-        shared = list(model.encoder.parameters()) + list(model.trunk.parameters())
+        shared = model.shared_parameters()
         specific = [p for p in model.parameters() if all(p is not q for q in shared)]
         loss_tasks = list(self.loss_types)
 

@@ -3,6 +3,8 @@
 Every trunk takes ``(x, tasks)`` with x (B, in) and returns ``{task: (B, out_dim)}`` for the
 requested tasks only, computing only the gates (and task-owned experts) those tasks need.
 Gate weights of the last call are kept in ``last_gates`` ({task: (B, E)}) for diagnostics.
+``task_parameters()`` lists the parameters only one task's loss reaches (gradient methods give
+them that task's own gradient, as they do the towers).
 A new trunk is one file plus one entry in ``ARCHITECTURES``. ``model.film`` wraps any of them
 in ``ranker.model.film.FiLM`` (same contract).
 """

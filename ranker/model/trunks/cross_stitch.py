@@ -68,6 +68,10 @@ class CrossStitch(nn.Module):
         self.out_dim = cfg.expert_dims[-1]
         self.last_gates: dict[str, torch.Tensor] = {}  # no per-row gates; the mixing is ``alpha``
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Parameters only one task's loss reaches: none, every stitch reads every column."""
+        return []
+
     def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         h = x  # (B, in): the first layer of every column reads the shared encoding
         last = len(self.layers) - 1

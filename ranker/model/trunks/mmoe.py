@@ -28,6 +28,10 @@ class MMoE(nn.Module):
         self.out_dim = cfg.expert_dims[-1]
         self.last_gates: dict[str, torch.Tensor] = {}
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Parameters only one task's loss reaches: every task's gate."""
+        return list(self.gates.parameters())
+
     def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         e = self.experts(x)  # (E, B, D)
         out = {}

@@ -71,6 +71,14 @@ class PLE(nn.Module):
         self.out_dim = cfg.expert_dims[-1]
         self.last_gates: dict[str, torch.Tensor] = {}
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Parameters only one task's loss reaches: the task gates of the last level and of the
+        level below it (whose outputs feed only that task's gate and experts on the last level,
+        where no shared gate mixes them for the others). Task experts share one tensor with the
+        other tasks' experts, so they are not among them; inner levels' task experts and gates
+        reach every task through the shared gate."""
+        return [p for level in self.levels[-2:] for p in level.gates.parameters()]
+
     def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         shared: torch.Tensor | None = x
         task_in = {t: x for t in self.tasks}

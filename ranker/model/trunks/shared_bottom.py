@@ -26,6 +26,10 @@ class SharedBottom(nn.Module):
         self.out_dim = cfg.expert_dims[-1]
         self.last_gates: dict[str, torch.Tensor] = {}
 
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Parameters only one task's loss reaches: none, every task reads the one MLP."""
+        return []
+
     def forward(self, x: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         h = self.bottom(x)  # (B, D)
         return {t: h for t in tasks}
