@@ -352,6 +352,16 @@ def test_a_scrape_leaves_out_the_series_of_forgotten_versions(tmp_path: Path) ->
     assert list(tmp_path.glob("counter_*.db"))
 
 
+def test_a_scrape_reads_past_a_workers_file_still_being_created(tmp_path: Path) -> None:
+    """A worker opens its .db file and then sizes it: a scrape in between read 0 bytes and
+    answered 500 (seen once during a SIGHUP roll). That file holds no value, so it is skipped."""
+    (tmp_path / "counter_99999.db").write_bytes(b"")  # opened, not yet sized
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FORGOTTEN_VERSIONS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert any(f.name == "ranker_feedback_labelled" for f in text_string_to_metric_families(out.stdout))
+
+
 def test_supervisor_counts_a_rolls_new_worker_as_expected(tmp_path: Path) -> None:
     """While a SIGHUP roll starts a worker, that worker is expected too: one that hangs in
     start-up makes ``ranker_ready`` 0 (alive and serving old workers notwithstanding), as does

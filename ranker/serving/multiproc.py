@@ -39,9 +39,11 @@ The known traps of multiprocess mode, and what is done about them:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -165,10 +167,29 @@ class _KeptVersions:
         self.files = MultiProcessCollector(None, str(path))
         self.workers = workers
 
+    def _families(self) -> list[object]:
+        """The client's merge of the .db files, less files still being created: a worker opens
+        its file, then sizes it, and a scrape in between read 0 bytes and failed (a 500 seen
+        during a SIGHUP roll). Such a file holds no value yet, so nothing is lost."""
+        for attempt in range(3):
+            files = []
+            for f in glob.glob(os.path.join(self.path, "*.db")):
+                try:
+                    if os.path.getsize(f) >= 8:  # the used-bytes header, written when it is sized
+                        files.append(f)
+                except OSError:
+                    continue  # removed since the glob (a dead worker's live gauge)
+            try:
+                return list(self.files.merge(files, accumulate=True))
+            except struct.error:  # a file caught between open and sizing after all: read again
+                if attempt == 2:
+                    raise
+        return []
+
     def collect(self) -> Iterator[object]:
         kept = live_versions(self.path)
         short = self.workers is not None and self.workers[1] < self.workers[0]
-        for family in self.files.collect():
+        for family in self._families():
             if kept:  # empty only before any worker published its table: nothing to judge by
                 family.samples = [s for s in family.samples if "model_version" not in s.labels or s.labels["model_version"] in kept]
             if short and family.name == "ranker_ready":
