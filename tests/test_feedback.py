@@ -205,6 +205,19 @@ def test_feedback_sums_equal_offline_sums_and_ranker_evaluate(
     assert reported["ctr"]["ne"] == pytest.approx(exact["ctr"]["ne"], rel=1e-6)
 
 
+def test_labels_that_would_swamp_the_counters_are_refused_and_values_named_exactly(bundle_path: Path, offline: Bundle) -> None:
+    """One label of 1e12 (under the old 1e15 cap) put the squared-error counter at ~1e24, where
+    later hours' errors vanish in float rounding: live RMSE read 0 for good. And 1.0000001 was
+    reported as "1 is outside [0, 1]"."""
+    v = offline.version
+    with serve(bundle_path) as s:
+        r = s.post([{"model_version": v, "task": "watch", "score": 3.0, "label": 1e12},
+                    {"model_version": v, "task": "ctr", "score": 1.0000001, "label": 1}])
+        assert r.json()["rejected"] == {"bad_label": 1, "score_out_of_range": 1}
+        assert r.json()["detail"]["bad_label"] == "events[0].label: 1000000000000 is outside [0, 1e+09] for regression task watch"
+        assert r.json()["detail"]["score_out_of_range"].startswith("events[1].score: 1.0000001 is outside [0, 1]")
+
+
 def test_bad_events_are_counted_by_reason(bundle_path: Path, offline: Bundle) -> None:
     v = offline.version
     good = {"model_version": v, "task": "ctr", "score": 0.25, "label": 1}
@@ -243,7 +256,7 @@ def test_bad_events_are_counted_by_reason(bundle_path: Path, offline: Bundle) ->
         assert r.status_code == 200
         assert r.json()["accepted"] == 1
         assert r.json()["rejected"] == {"non_finite": 3, "bad_event": 4, "score_out_of_range": 1}
-        assert r.json()["detail"]["score_out_of_range"] == "events[8].score: 1e+300 is outside [0, 1e+15] for regression task watch"
+        assert r.json()["detail"]["score_out_of_range"] == "events[8].score: 1e+300 is outside [0, 1e+09] for regression task watch"
         assert r.json()["detail"]["bad_event"].startswith("events[2]: needs model_version and task")
         counted = {
             (t, o): s.value("ranker_feedback_events_total", task=t, outcome=o)

@@ -109,6 +109,8 @@ def test_healthz_readyz_and_model_info(bundle_path: Path, offline: Bundle) -> No
                 assert head.headers["content-type"] == get.headers["content-type"], path
     assert info["version"] == offline.version and info["architecture"] == "mmoe"
     assert [t["name"] for t in info["tasks"]] == list(TASKS)
+    assert {t["name"]: t["mask"] for t in info["tasks"]} == {t.name: t.mask for t in offline.config.tasks}  # feedback's rows
+    assert any(t["mask"] for t in info["tasks"])
     assert {f["name"]: f["column"] for f in info["features"]}["category"] == "item_category"
     assert {f["name"]: f["kind"] for f in info["features"]}["user_id"] == "int"
     assert info["metrics"]["val"]["ctr"]["count"] > 0

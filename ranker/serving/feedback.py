@@ -47,7 +47,11 @@ from ranker.serving.predictor import LoadedModel
 FEEDBACK_PATH = "/feedback"
 KEEP_VERSIONS = 8  # model versions whose late labels are still accepted (the current one included)
 _REASON_CODE = {r: i + 1 for i, r in enumerate(FEEDBACK_REASONS)}  # 0 = accepted
-MAX_VALUE = 1e15  # the largest regression score or label counted: its square stays far below float overflow
+# the largest regression score or label counted. The squared-error counters only grow, and an
+# hour's increase is read off their all-time value: one label of 1e12 put them at ~1e24, where
+# an hour's ~1e7 of squared error is below float64's resolution, and live RMSE read 0 for the
+# rest of the process's life. At 1e9 a square is at most 1e18, which resolves increments of ~1e3.
+MAX_VALUE = 1e9
 _SHOWN = 60  # characters of a caller's string quoted back in a message
 
 
@@ -253,14 +257,14 @@ class FeedbackRecorder:
             checks = [("non_finite", ~finite[idx], "", "score and label must be finite numbers")]
             if ref.type == "binary":  # task names are identifiers: no braces for str.format
                 checks += [
-                    ("score_out_of_range", (s < 0) | (s > 1), ".score", "{s:g} is outside [0, 1] for binary task " + task),
-                    ("bad_label", (y != 0) & (y != 1), ".label", "{y:g} must be 0 or 1 for binary task " + task),
+                    ("score_out_of_range", (s < 0) | (s > 1), ".score", "{s:.15g} is outside [0, 1] for binary task " + task),
+                    ("bad_label", (y != 0) & (y != 1), ".label", "{y:.15g} must be 0 or 1 for binary task " + task),
                 ]
             else:  # the sums are counters, which only grow (and a ratio of sums needs one sign);
-                # past MAX_VALUE a square would overflow them to +Inf for the life of the process
+                # past MAX_VALUE one square would swamp them (see MAX_VALUE)
                 checks += [
-                    ("score_out_of_range", (s < 0) | (s > MAX_VALUE), ".score", "{s:g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
-                    ("bad_label", (y < 0) | (y > MAX_VALUE), ".label", "{y:g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
+                    ("score_out_of_range", (s < 0) | (s > MAX_VALUE), ".score", "{s:.15g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
+                    ("bad_label", (y < 0) | (y > MAX_VALUE), ".label", "{y:.15g} is outside [0, " + f"{MAX_VALUE:g}" + "] for regression task " + task),
                 ]
             ok = np.ones(idx.size, dtype=bool)
             for name, failed, field, message in checks:

@@ -241,7 +241,7 @@ class LoadedModel:
             architecture=self.architecture,
             created_at=b.manifest.get("created_at"),
             bundle=str(b.path),
-            tasks=[TaskInfo(name=t.name, type=t.type, transform=t.transform) for t in b.config.tasks],
+            tasks=[TaskInfo(name=t.name, type=t.type, transform=t.transform, mask=t.mask) for t in b.config.tasks],
             features=[
                 FeatureInfo(name=f.name, type=f.type, column=f.source, kind=b.featurizer.kinds.get(f.name))
                 for f in b.featurizer.inputs

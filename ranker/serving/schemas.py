@@ -47,6 +47,9 @@ class TaskInfo(BaseModel):
     name: str
     type: str
     transform: str
+    # the column whose value 1 marks the rows this task is labelled on (cvr: click): /feedback
+    # events for the task belong to those rows only, as its training labels did
+    mask: str | None = None
 
 
 class FeatureInfo(BaseModel):
