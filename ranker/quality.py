@@ -14,8 +14,9 @@ elementwise terms (log loss clip, bins) keeps the three in agreement.
   (1 means no better than the base rate; lower is better).
 - binned AUC: each score is replaced by its reference bin (the bundle's quantile bins of the
   validation scores, ``ranker.reference``); AUC by rank sum where events sharing a bin count
-  as ties (one half). It is the exact AUC of the bin index, a little below the exact AUC of
-  the scores, and computable from per-bin counts alone.
+  as ties (one half). It is the exact AUC of the bin index, computable from per-bin counts
+  alone; on large samples usually a little below the exact AUC of the scores, though coarse
+  bins can also land above it (cvr on a small validation split: 0.754 against 0.744).
 - RMSE = sqrt(sum(squared error) / count), label units.
 """
 
