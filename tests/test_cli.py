@@ -118,6 +118,14 @@ def test_checkpoints_or_logs_inside_out_are_refused_before_training(key: str, wh
     assert not (tmp_path / "b").exists()
 
 
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It was found at the first checkpoint (every_minutes in), as a FileNotFoundError traceback."""
+    (tmp_path / "afile").write_text("x")
+    cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(checkpoint={"dir": str(tmp_path / "afile" / "ck"), "every_minutes": 60}))
+    line = _err(*run(["train", "--config", str(cfg), "--out", str(tmp_path / "b")], capsys)[::2])
+    assert line.startswith("ranker: error: train.checkpoint.dir: ") and "cannot be written" in line, line
+
+
 @pytest.mark.parametrize("lr", [10.0, 1e6])
 def test_a_diverged_run_is_one_line_and_writes_no_bundle(lr: float, tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Weights gone NaN (lr 1e6) crashed the val pass with a traceback; huge but finite ones

@@ -220,6 +220,29 @@ def test_a_bad_label_in_one_ranks_share_stops_every_rank(tmp_path: Path) -> None
     assert "trainer.py" not in run.stderr  # no traceback from the ranks (torchrun prints its own)
 
 
+def test_a_rank_failing_mid_epoch_ends_every_rank(tmp_path: Path) -> None:
+    """A corrupt page in a column the fit pass never reads (user_id) fails one rank in its
+    training share: it met the others' step all-reduce with the closing barrier, and both
+    waited out the 30-minute group timeout without a word."""
+    root = tmp_path / "logs"
+    cfg = _config(root, epochs=1)
+    for f in (root / "train").glob("*.parquet"):
+        f.unlink()
+    path = root / "train" / "part-0.parquet"
+    pq.write_table(make_table(2000, 1), path, row_group_size=1000, compression="snappy")
+    col = pq.ParquetFile(path).metadata.row_group(1).column(pq.ParquetFile(path).schema_arrow.get_field_index("user_id"))
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + col.total_compressed_size // 3 : start + col.total_compressed_size - 4] = b"\xab" * (
+        col.total_compressed_size - 4 - col.total_compressed_size // 3)
+    path.write_bytes(bytes(data))  # row group 1 (rank 1's share) no longer decodes
+    run = _torchrun(cfg, tmp_path / "b", timeout=180)
+    assert run.returncode != 0 and not (tmp_path / "b").exists()
+    assert "part-0.parquet: row group 1 cannot be read" in run.stderr, run.stderr[-3000:]
+    assert "rank 0: lost the other ranks" in run.stderr or run.stderr.count("row group 1 cannot be read") == 2, run.stderr[-3000:]
+    assert "trainer.py" not in run.stderr  # one line per rank, no traceback
+
+
 def test_uneven_files_are_shared_out_evenly(tmp_path: Path) -> None:
     """Four row groups of 650 rows and one of 130 over 2 ranks: the plan splits a group so each
     rank holds 1,365 rows, and no rank's rows sit the epoch out."""
@@ -407,6 +430,23 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path: Path) -> None:
     (tmp_path / f"step-{20:012d}.pt").write_bytes(b"torn")  # a file that does not read back
     state = load_latest(tmp_path)
     assert state is not None and state["x"].item() == 15
+    # set aside, so it no longer counts among the newest: a new checkpoint below its step was
+    # deleted as soon as written (with keep 1 none survived)
+    assert (tmp_path / f"step-{20:012d}.pt.unreadable").exists()
+    save_checkpoint(tmp_path, 16, {"x": torch.tensor([16])}, keep=1)
+    assert [p.name for p in checkpoints(tmp_path)] == [f"step-{16:012d}.pt"]
+    # one flipped bit in a tensor's bytes: torch.load reads it without a word, the zip CRC does not
+    newest = tmp_path / f"step-{16:012d}.pt"
+    data = bytearray(newest.read_bytes())
+    save_checkpoint(tmp_path, 12, {"x": torch.tensor([12])}, keep=2)  # an older good one
+    at = data.find((16).to_bytes(8, "little"))  # the tensor's value in its storage member
+    assert at > 0
+    data[at] ^= 0x01
+    newest.write_bytes(bytes(data))
+    logged: list[str] = []
+    state = load_latest(tmp_path, logged.append)
+    assert state is not None and state["x"].item() == 12
+    assert logged and "fails its CRC" in logged[0], logged
     assert first_difference({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}}) == "a.b[1]: 2 in the checkpoint, 3 now"
     assert first_difference({"a": 1}, {"a": 1, "c": 2}) == "c: absent in the checkpoint, 2 now"
     assert first_difference({"a": [1]}, {"a": [1]}) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,26 @@ def checkpoints(folder: str | Path) -> list[Path]:
 
 
 def load_latest(folder: str | Path, log: Any = None) -> dict[str, Any] | None:
-    """The newest checkpoint that reads back whole, or None when there is none."""
+    """The newest checkpoint that reads back whole, or None when there is none.
+
+    A file that does not (truncated, or a member whose CRC fails: ``torch.load`` reads flipped
+    bits without a word) is set aside as ``<name>.unreadable``: left in place it kept counting
+    among the newest for pruning, which then deleted each new checkpoint below its step as
+    soon as it was written."""
     for p in checkpoints(folder):
         try:
+            with zipfile.ZipFile(p) as z:
+                if (bad := z.testzip()) is not None:
+                    raise ValueError(f"member {bad} fails its CRC")
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # an unreadable file: fall back to the one before
+            aside = p.with_name(p.name + ".unreadable")
+            try:
+                os.replace(p, aside)  # another rank may have moved it already
+            except OSError:
+                pass
             if log:
-                log(f"checkpoint {p} is unreadable ({type(e).__name__}); trying an older one")
+                log(f"checkpoint {p} is unreadable ({type(e).__name__}: {e}); set aside as {aside.name}, trying an older one")
             continue
         if state.get("format") != FORMAT:
             raise RankerError(f"{p}: checkpoint format {state.get('format')!r}, this ranker writes {FORMAT}")

@@ -199,7 +199,14 @@ class ParquetSource:
                 pf, open_file = pq.ParquetFile(self.files[u.file]), u.file
             assert pf is not None
             at, stop = 0, u.start + u.rows  # a piece of the group: its rows [start, stop) only
-            for rb in pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[u.group], columns=list(columns)):
+            reader = pf.iter_batches(batch_size=CHUNK_ROWS, row_groups=[u.group], columns=list(columns))
+            while True:
+                try:
+                    rb = next(reader)
+                except StopIteration:
+                    break
+                except (OSError, pa.ArrowInvalid) as e:  # a corrupt page: a one-line error, on every rank
+                    raise RankerError(f"{self.files[u.file]}: row group {u.group} cannot be read ({e})") from None
                 lo, hi = max(u.start - at, 0), min(stop - at, rb.num_rows)
                 at += rb.num_rows
                 if hi > lo:

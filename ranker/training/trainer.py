@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,31 @@ def task_losses(
         if n > 0:
             losses[t] = LOSSES[ty](out[valid], model.heads[t].target(y[valid]), reduction="sum") / n
     return losses
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why files could not be created in ``folder`` (which may not exist yet), else None;
+    nothing is created: the nearest existing folder on its path is tried with a temporary file."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def _peer_lost(e: RuntimeError, world: int) -> bool:
+    """A collective that failed because another rank went away (it stopped on its own error):
+    torch's DistError, or gloo's and NCCL's plain RuntimeError about the connection."""
+    if world <= 1:
+        return False
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or (
+        ("gloo" in text or "NCCL" in text) and any(w in text for w in ("Connection", "connection", "peer", "closed")))
 
 
 def evaluate(
@@ -390,10 +416,22 @@ class Trainer:
         """Train and write the bundle to ``out``; ``resume`` continues from the newest
         checkpoint in ``train.checkpoint.dir`` when there is one (else starts afresh)."""
         self.ranks = Collective.from_env(self.cfg.train.device)
+        done = False
         try:
-            return self._run(Path(out), resume)
+            result = self._run(Path(out), resume)
+            done = True
+            return result
+        except RuntimeError as e:
+            if not _peer_lost(e, self.ranks.world):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankerError(f"rank {self.ranks.rank}: lost the other ranks ({first[:160]}); one of them stopped, "
+                              "its error is in its own output") from None
         finally:
-            self.ranks.barrier()
+            # the closing barrier only after success: a rank that failed mid-epoch met the
+            # others' step all-reduce with it, and every rank waited out the group timeout
+            if done:
+                self.ranks.barrier()
             self.ranks.close()
 
     def _output_problem(self, out: Path, resume: bool) -> str | None:
@@ -406,6 +444,8 @@ class Trainer:
         except RankerError as e:
             return str(e)
         ck = self.cfg.train.checkpoint
+        if ck is not None and (why := _unwritable(Path(ck.dir))):  # else found at the first checkpoint
+            return f"train.checkpoint.dir: {ck.dir} cannot be written ({why})"
         target = out.resolve()
         for key, folder in (("train.checkpoint.dir", ck.dir if ck else None), ("train.log_dir", self.cfg.train.log_dir)):
             f = Path(folder).resolve() if folder is not None else None
