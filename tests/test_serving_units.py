@@ -21,6 +21,25 @@ from ranker.serving.schemas import PredictResponse, encode_predict_response
 # ---------------------------------------------------------------- drift
 
 
+
+@pytest.mark.parametrize("kind", ["continuous", "three_values", "spike_at_zero", "constant"])
+def test_reference_bins_always_number_ten(kind: str) -> None:
+    """Tied quantiles left fewer bins (np.unique), and the live binned AUC adds bins of
+    different model versions by index: every bundle keeps 9 strictly ascending edges, ties in
+    one bin, the extra bins empty where the scores leave no room."""
+    rng = np.random.default_rng(1)
+    scores = {"continuous": rng.normal(size=4000), "three_values": rng.choice([0.1, 0.5, 0.9], 4000, p=[0.7, 0.2, 0.1]),
+              "spike_at_zero": np.r_[np.zeros(3600), rng.random(400)], "constant": np.full(500, 0.25)}[kind]
+    ref = reference_histogram(scores)
+    edges = np.asarray(ref["edges"])
+    assert edges.size == 9 and np.all(np.diff(edges) > 0)
+    counts = np.bincount(assign_bins(scores, edges), minlength=10)
+    assert np.allclose(counts / counts.sum(), ref["shares"]) and psi(counts, ref["shares"]) == pytest.approx(0.0, abs=1e-12)
+    for v in np.unique(scores)[:50]:  # a tied value never straddles two bins
+        assert np.unique(assign_bins(scores[scores == v], edges)).size == 1
+    if kind == "continuous":  # untouched where the quantiles are distinct
+        assert np.allclose(edges, np.quantile(scores, np.linspace(0, 1, 11)[1:-1]))
+
 def test_ring_window_equals_brute_force_over_the_last_n_scores() -> None:
     rng = np.random.default_rng(0)
     ref = reference_histogram(rng.normal(size=5000))
