@@ -254,13 +254,20 @@ def test_a_later_file_of_another_kind_is_refused_naming_it(tiny_logs: Path, tmp_
         assert f"{second}: feature 'user_id' holds str values but was trained on int values" in line, line
 
 
+def _no_clicks_in_val(cfg: Path) -> tuple[Path, pa.Table]:
+    """Set every click of the config's val file to 0 (one class: ctr's AUC is undefined there,
+    and cvr, masked by click, has no labelled row); returns the file and its table before."""
+    val = next((cfg.parent / "val").glob("*.parquet"))
+    t = pq.read_table(val)
+    pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())), val)
+    return val, t
+
+
 def test_the_monitor_is_judged_by_its_own_metric(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """One class in val: ctr's AUC is undefined there but its log loss is not (it was refused
     all the same), and "mean" says which tasks it leaves out instead of dropping them unseen."""
     cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=1, monitor="ctr.logloss"))
-    val = next((cfg.parent / "val").glob("*.parquet"))
-    t = pq.read_table(val)
-    pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())), val)
+    _no_clicks_in_val(cfg)
     code, out, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
     assert code == 0 and "warning" not in err, err
     cfg = edit(cfg, lambda r: r["train"].update(monitor="mean"))
@@ -271,9 +278,7 @@ def test_the_monitor_is_judged_by_its_own_metric(tiny_logs: Path, tmp_path: Path
 
 def test_an_undefined_val_monitor_is_an_error_naming_the_split(tiny_logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = edit(copy_logs(tiny_logs, tmp_path), lambda r: r["train"].update(epochs=2, monitor="ctr.auc"))
-    val = next((cfg.parent / "val").glob("*.parquet"))
-    t = pq.read_table(val)
-    pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", pa.array([0] * t.num_rows, pa.int64())), val)
+    val, t = _no_clicks_in_val(cfg)
     code, _, err = run(["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--quiet"], capsys)
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]  # after the fit pass's log line, before any epoch
