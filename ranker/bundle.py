@@ -28,7 +28,7 @@ from ranker import __version__
 from ranker.config import RankerConfig, parse_config
 from ranker.errors import RankerError
 from ranker.features import Featurizer
-from ranker.files import usual_mode
+from ranker.files import usual_mode, write_problem
 from ranker.model import MultiTaskRanker, build_ranker
 
 FORMAT = 1
@@ -93,13 +93,11 @@ def check_bundle_target(out: str | Path, key: str = "--out") -> Path:
             raise RankerError(f"{key}: {out} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
                               "so it is not a ranker bundle; writing one there would replace the folder whole; "
                               "choose an empty or new folder")
-    parent = out.absolute().parent  # where the new bundle is first written, as a sibling
-    while not parent.exists():  # the nearest folder that exists; the rest is created
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RankerError(f"{key}: {out} cannot be created: {parent} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RankerError(f"{key}: {out}: no permission to write in {parent}")
+    problem = write_problem(out.absolute().parent)  # where the new bundle is first written, as a sibling
+    if problem is not None:
+        at, why = problem
+        raise RankerError(f"{key}: {out} cannot be created: {at} is a file" if why == "is a file"
+                          else f"{key}: {out}: no permission to write in {at}")
     return out
 
 

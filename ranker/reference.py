@@ -41,18 +41,15 @@ def _full_edges(edges: np.ndarray, scores: np.ndarray, want: int) -> np.ndarray:
         free = mids[~np.isin(mids, edges)]
         if not free.size:
             break
-        fullest = np.argmax(np.bincount(assign_bins(scores, edges), minlength=edges.size + 1))
-        inside = free[assign_bins(free, edges) == fullest]
-        if not inside.size:  # the fullest bin is one tied value: split the next fullest with room
-            counts = np.bincount(assign_bins(scores, edges), minlength=edges.size + 1)
-            room = np.bincount(assign_bins(free, edges), minlength=edges.size + 1) > 0
-            fullest = int(np.argmax(np.where(room, counts, -1)))
-            inside = free[assign_bins(free, edges) == fullest]
-        held = np.sort(scores[assign_bins(scores, edges) == fullest])
+        bins_of, free_bins = assign_bins(scores, edges), assign_bins(free, edges)
+        counts = np.bincount(bins_of, minlength=edges.size + 1)
+        room = np.bincount(free_bins, minlength=edges.size + 1) > 0  # a bin of one tied value has none
+        fullest = int(np.argmax(np.where(room, counts, -1)))
+        inside, held = free[free_bins == fullest], np.sort(scores[bins_of == fullest])
         pick = inside[np.argmin(np.abs(np.searchsorted(held, inside) - held.size / 2))]  # the most even split
         edges = np.sort(np.append(edges, pick))
     if edges.size < want:
-        top = max(float(distinct[-1]), float(edges[-1]) if edges.size else float(distinct[-1]))
+        top = max(float(distinct[-1]), float(edges[-1])) if edges.size else float(distinct[-1])
         step = max(abs(top), 1.0) * 1e-9
         edges = np.append(edges, top + step * np.arange(1, want - edges.size + 1))
     return edges

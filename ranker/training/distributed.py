@@ -117,6 +117,15 @@ class Collective:
         if self.world > 1:
             dist.barrier()
 
+    def peer_lost(self, e: RuntimeError) -> bool:
+        """Whether a collective failed because another rank went away (it stopped on its own
+        error): torch's DistError, or gloo's and NCCL's plain RuntimeError about the connection."""
+        if self.world <= 1:
+            return False
+        text = str(e)
+        return isinstance(e, dist.DistError) or (
+            ("gloo" in text or "NCCL" in text) and any(w in text for w in ("Connection", "connection", "peer", "closed")))
+
     def sum_gradients(self, params: Sequence[nn.Parameter], sparse: Sequence[nn.Parameter] = ()) -> None:
         """Add up every rank's gradient shares in place: one all-reduce over a flat buffer, and
         for the ``sparse`` parameters (row-sparse gradients) a gather of the rows each rank touched.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from ranker.bundle import check_bundle_target, save_bundle
 from ranker.config import RankerConfig, TaskSpec
 from ranker.errors import RankerError
 from ranker.features import DenseFit, Featurizer, RunningMoments
+from ranker.files import write_problem
 from ranker.model import MultiTaskRanker, build_ranker
 from ranker.reference import reference_histogram
 from ranker.training.checkpoint import check_resume, checkpoints, load_latest, save_checkpoint
@@ -103,31 +103,6 @@ def task_losses(
         if n > 0:
             losses[t] = LOSSES[ty](out[valid], model.heads[t].target(y[valid]), reduction="sum") / n
     return losses
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why files could not be created in ``folder`` (which may not exist yet), else None;
-    nothing is created: the nearest existing folder on its path is tried with a temporary file."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is not a folder"
-    try:
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
-
-
-def _peer_lost(e: RuntimeError, world: int) -> bool:
-    """A collective that failed because another rank went away (it stopped on its own error):
-    torch's DistError, or gloo's and NCCL's plain RuntimeError about the connection."""
-    if world <= 1:
-        return False
-    text = str(e)
-    return isinstance(e, torch.distributed.DistError) or (
-        ("gloo" in text or "NCCL" in text) and any(w in text for w in ("Connection", "connection", "peer", "closed")))
 
 
 def evaluate(
@@ -422,7 +397,7 @@ class Trainer:
             done = True
             return result
         except RuntimeError as e:
-            if not _peer_lost(e, self.ranks.world):
+            if not self.ranks.peer_lost(e):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RankerError(f"rank {self.ranks.rank}: lost the other ranks ({first[:160]}); one of them stopped, "
@@ -444,8 +419,8 @@ class Trainer:
         except RankerError as e:
             return str(e)
         ck = self.cfg.train.checkpoint
-        if ck is not None and (why := _unwritable(Path(ck.dir))):  # else found at the first checkpoint
-            return f"train.checkpoint.dir: {ck.dir} cannot be written ({why})"
+        if ck is not None and (problem := write_problem(ck.dir)):  # else found at the first checkpoint
+            return f"train.checkpoint.dir: {ck.dir} cannot be written ({problem[0]} {problem[1]})"
         target = out.resolve()
         for key, folder in (("train.checkpoint.dir", ck.dir if ck else None), ("train.log_dir", self.cfg.train.log_dir)):
             f = Path(folder).resolve() if folder is not None else None
