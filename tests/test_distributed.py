@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,26 @@ def _env() -> dict[str, str]:
 def _torchrun(cfg: Path, out: Path, *extra: str, nproc: int = 2, timeout: float = 240, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *flags, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet", *extra]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _two_processes(cfg: Path, out: Path, timeout: float = 180) -> list[tuple[int, str]]:
+    """Ranks 0 and 1 started as two plain processes with torchrun's environment, as two nodes'
+    launchers would start them: no agent ends one rank when the other fails, so what each rank
+    prints and returns is its own doing. (exit code, stderr) per rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        return [(p.returncode, err) for p in procs for err in [p.communicate(timeout=timeout)[1]]]
+    finally:
+        for p in procs:
+            p.kill()  # a rank left waiting (the failure this guards against) goes with the test
 
 
 def _cli(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -212,19 +233,20 @@ def test_a_bad_label_in_one_ranks_share_stops_every_rank(tmp_path: Path) -> None
     pq.write_table(table, root / "train" / "part-0.parquet", row_group_size=1000)
     src = ParquetSource(str(root / "train"), "data.train", ["click"])
     assert [u.group for u in plan_units(src.units, 2)[1]] == [1]
-    run = _torchrun(cfg, tmp_path / "b", timeout=180)
-    assert run.returncode != 0 and not (tmp_path / "b").exists()
+    # two plain processes: under torchrun its agent may end rank 0 before rank 0 prints
+    ranks = _two_processes(cfg, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
     msg = "part-0.parquet: column 'click' has value 3"
-    assert run.stderr.count(msg) == 2, run.stderr[-3000:]  # each rank says it (the lines may interleave)
-    assert run.stderr.count("exitcode  : 2") == 2  # and both ranks exit as the CLI does on a user error
-    assert "trainer.py" not in run.stderr  # no traceback from the ranks (torchrun prints its own)
+    for rank, (rc, err) in enumerate(ranks):
+        assert rc == 2, (rank, err)  # both ranks exit as the CLI does on a user error
+        lines = [ln for ln in err.splitlines() if ln.startswith("ranker: error:")]
+        assert len(lines) == 1 and msg in lines[0], (rank, err)  # each rank says it, once
+        assert "Traceback" not in err, (rank, err)
 
 
-def test_a_rank_failing_mid_epoch_ends_every_rank(tmp_path: Path) -> None:
-    """A corrupt page in a column the fit pass never reads (user_id) fails one rank in its
-    training share: it met the others' step all-reduce with the closing barrier, and both
-    waited out the 30-minute group timeout without a word."""
-    root = tmp_path / "logs"
+def _corrupt_rank_1_share(root: Path) -> Path:
+    """Logs whose train file's row group 1 (rank 1's share over 2 ranks) has a corrupt page in
+    a column the fit pass never reads (user_id): rank 1 fails in its training share."""
     cfg = _config(root, epochs=1)
     for f in (root / "train").glob("*.parquet"):
         f.unlink()
@@ -235,12 +257,35 @@ def test_a_rank_failing_mid_epoch_ends_every_rank(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[start + col.total_compressed_size // 3 : start + col.total_compressed_size - 4] = b"\xab" * (
         col.total_compressed_size - 4 - col.total_compressed_size // 3)
-    path.write_bytes(bytes(data))  # row group 1 (rank 1's share) no longer decodes
+    path.write_bytes(bytes(data))
+    return cfg
+
+
+def test_a_rank_failing_mid_epoch_ends_every_rank(tmp_path: Path) -> None:
+    """Rank 1 fails in its training share: it had met the others' step all-reduce with the
+    closing barrier, and both waited out the 30-minute group timeout without a word. Now it
+    exits with its one line, and torchrun ends rank 0 (or rank 0 notices first and says so)."""
+    cfg = _corrupt_rank_1_share(tmp_path / "logs")
     run = _torchrun(cfg, tmp_path / "b", timeout=180)
     assert run.returncode != 0 and not (tmp_path / "b").exists()
     assert "part-0.parquet: row group 1 cannot be read" in run.stderr, run.stderr[-3000:]
-    assert "rank 0: lost the other ranks" in run.stderr or run.stderr.count("row group 1 cannot be read") == 2, run.stderr[-3000:]
+    # which of the two comes first is a race between torchrun's agent and rank 0's collective
+    assert "rank 0: lost the other ranks" in run.stderr or "exitcode  : -15" in run.stderr, run.stderr[-3000:]
     assert "trainer.py" not in run.stderr  # one line per rank, no traceback
+
+
+def test_a_rank_left_alone_says_the_others_are_gone(tmp_path: Path) -> None:
+    """Ranks on different nodes have different launchers, so nobody ends the survivor for it:
+    rank 0 must find out itself, from its next collective, and stop with one line rather than
+    a gloo traceback."""
+    cfg = _corrupt_rank_1_share(tmp_path / "logs")
+    (rc0, err0), (rc1, err1) = _two_processes(cfg, tmp_path / "b")
+    assert (rc0, rc1) == (2, 2), (err0, err1)
+    assert "row group 1 cannot be read" in err1, err1
+    lines = [ln for ln in err0.splitlines() if ln.startswith("ranker: error:")]
+    assert len(lines) == 1 and "rank 0: lost the other ranks" in lines[0], err0
+    assert "Traceback" not in err0 + err1
+    assert not (tmp_path / "b").exists()
 
 
 def test_uneven_files_are_shared_out_evenly(tmp_path: Path) -> None:
