@@ -3,11 +3,13 @@ interleaved so that a busy machine slows both sides alike.
 
     python bench/bench_encoding_speed.py [--rounds 5] [--threads 1] [--encoding piecewise_linear] [--bins N]
     python bench/bench_encoding_speed.py --baseline-encoding piecewise_linear --feature-dropout 0.1
+    python bench/bench_encoding_speed.py --baseline-encoding piecewise_linear --cross-layers 2 [--cross-rank R]
 
 The model and data are bench_train_speed's (census train split, MMoE 8 x [128, 64], towers [32],
 embedding dim 16, batch 1024). Side A is every dense feature standardised (log1p for money), as
 the trainer did before encodings existed (or on ``--baseline-encoding``); side B puts them on
-``--encoding``, with ``--feature-dropout`` as its ``model.feature_dropout``. Each round times,
+``--encoding``, with ``--feature-dropout`` as its ``model.feature_dropout`` and ``--cross-layers`` /
+``--cross-rank`` as its DCN-v2 cross layers. Each round times,
 A then B, (1) featurizing every train record batch and (2) 20 optimisation steps on
 pre-featurized batches. Prints rows/s per side and the median over rounds of B's time / A's time.
 """
@@ -36,9 +38,10 @@ from ranker.training.weighting import StepContext, build_weighting  # noqa: E402
 STEPS = 20
 
 
-def side(out: Path, encoding: str | None, bins: int | None = None, feature_dropout: float = 0.0) -> dict:
+def side(out: Path, encoding: str | None, bins: int | None = None, feature_dropout: float = 0.0,
+         cross_layers: int = 0, cross_rank: int | None = None) -> dict:
     raw = speed_config(out, encoding)
-    raw["model"] = {**raw["model"], "feature_dropout": feature_dropout}
+    raw["model"] = {**raw["model"], "feature_dropout": feature_dropout, "cross_layers": cross_layers, "cross_rank": cross_rank}
     if bins is not None:  # bins of every embedded dense feature
         raw["features"] = [{**f, "bins": bins} if f["type"] == "dense" and "encoding" in f else f for f in raw["features"]]
     cfg = parse_config(raw)
@@ -87,15 +90,18 @@ def main() -> int:
     ap.add_argument("--bins", type=int, default=None, help="side B's bins per dense feature (default: the encoding's default)")
     ap.add_argument("--baseline-encoding", default=None, help="side A's encoding (default: the old standardisation)")
     ap.add_argument("--feature-dropout", type=float, default=0.0, help="side B's model.feature_dropout")
+    ap.add_argument("--cross-layers", type=int, default=0, help="side B's model.cross_layers")
+    ap.add_argument("--cross-rank", type=int, default=None, help="side B's model.cross_rank (default: full rank)")
     ap.add_argument("--data", default=str(census.ROOT / "bench" / "out" / "census"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.data)
     if not (out / "config.yaml").is_file():
         census.prepare(out)
-    a, b = side(out, args.baseline_encoding), side(out, args.encoding, args.bins, args.feature_dropout)
+    a, b = side(out, args.baseline_encoding), side(out, args.encoding, args.bins, args.feature_dropout, args.cross_layers, args.cross_rank)
     name_a = args.baseline_encoding or "standard"
     name_b = args.encoding + (f"+fd{args.feature_dropout:g}" if args.feature_dropout else "")
+    name_b += (f"+cross{args.cross_layers}" + (f"r{args.cross_rank}" if args.cross_rank else "")) if args.cross_layers else ""
     rows = sum(rb.num_rows for rb in a["batches"])
     step_seconds(a), step_seconds(b)  # warm-up
     times: dict[str, list[float]] = {"fa": [], "fb": [], "sa": [], "sb": []}
