@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from ranker.training.evaluation import TaskAccumulator, histogram_auc
 from ranker.training.metrics import task_metrics
 from ranker.training.trainer import Trainer
 from tests.datagen import make_table, write_logs
+from tests.promhelpers import free_port
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 CPU = Collective.single(torch.device("cpu"))
@@ -48,29 +48,26 @@ def _torchrun(cfg: Path, out: Path, *extra: str, nproc: int = 2, timeout: float 
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _cli(cfg: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet", *extra]
+    return subprocess.Popen(cmd, env={**_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _two_processes(cfg: Path, out: Path, timeout: float = 180) -> list[tuple[int, str]]:
     """Ranks 0 and 1 started as two plain processes with torchrun's environment, as two nodes'
     launchers would start them: no agent ends one rank when the other fails, so what each rank
     prints and returns is its own doing. (exit code, stderr) per rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    world = {"LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [_cli(cfg, out, env={**world, "RANK": str(rank)}) for rank in (0, 1)]
     try:
-        return [(p.returncode, err) for p in procs for err in [p.communicate(timeout=timeout)[1]]]
+        ranks = []
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            ranks.append((p.returncode, err))
+        return ranks
     finally:
         for p in procs:
             p.kill()  # a rank left waiting (the failure this guards against) goes with the test
-
-
-def _cli(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ranker", "train", "--config", str(cfg), "--out", str(out), "--quiet", *extra]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _config(root: Path, **train: object) -> Path:
