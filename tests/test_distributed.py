@@ -372,8 +372,11 @@ def test_resume_refuses_a_changed_config_or_world_size(tmp_path: Path) -> None:
     changed["train"]["lr"] = 0.123
     other = tmp_path / "changed.yaml"
     other.write_text(yaml.safe_dump(changed))
+    logged: list[str] = []
     with pytest.raises(RankerError, match=r"train\.lr: 0\.005 in the checkpoint, 0\.123 now"):
-        _train(other, tmp_path / "c", resume=True)
+        Trainer(load_config(other), progress=False, log=logged.append).run(tmp_path / "c", resume=True)
+    # refused before the pass over train that fits the featurizer, not after it
+    assert not any(line.startswith("featurizer fitted") for line in logged), logged
     run = _torchrun(cfg, tmp_path / "d", "--resume", timeout=180)
     assert run.returncode != 0 and "world_size: 1 in the checkpoint, 2 now" in run.stderr
 

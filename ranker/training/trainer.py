@@ -460,6 +460,19 @@ class Trainer:
         device, dtype = ranks.device, PRECISIONS[tc.precision]
         torch.manual_seed(tc.seed)
         sources = task_sources(cfg)
+        # the resume check needs only the config and the data files' layout: it comes before the
+        # data pass, so a mismatched --resume fails at once rather than after a pass over train
+        fingerprint = self.fingerprint([(split.key, split) for src in sources for split in src.splits()])
+        ranks.check_same("config", fingerprint)
+        ck = None
+        if resume:
+            assert tc.checkpoint is not None
+            ck = load_latest(tc.checkpoint.dir, self.log)
+            if ck is None:
+                self.log(f"--resume: no checkpoint in {tc.checkpoint.dir} yet; starting from the beginning")
+            else:
+                explicit = {"config": self.cfg.model_dump(mode="json", exclude_defaults=True), "data": None, "world_size": None}
+                check_resume(ck["path"], ck["fingerprint"], fingerprint, explicit)
         # before the data pass, so a model too large for memory fails at once (the pass draws
         # nothing from torch's generator: the weights are those built after it)
         model = build_ranker(cfg.features, cfg.tasks, cfg.model)
@@ -510,34 +523,25 @@ class Trainer:
                 f"{src.name} {src.train.num_rows:,} rows -> {share(k)} ({'/'.join(o)})"
                 for k, (src, o) in enumerate(zip(sources, own, strict=True))))
 
-        fingerprint = self.fingerprint([(split.key, split) for src in sources for split in src.splits()])
-        ranks.check_same("config", fingerprint)
         pg = _Progress()
-        if resume:
-            assert tc.checkpoint is not None
-            ck = load_latest(tc.checkpoint.dir, self.log)
-            if ck is None:
-                self.log(f"--resume: no checkpoint in {tc.checkpoint.dir} yet; starting from the beginning")
-            else:
-                explicit = {"config": self.cfg.model_dump(mode="json", exclude_defaults=True), "data": None, "world_size": None}
-                check_resume(ck["path"], ck["fingerprint"], fingerprint, explicit)
-                model.load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                # a method's extra state may postdate the checkpoint (CAGrad's warm start): it then
-                # starts afresh; any other difference is a real mismatch
-                missing, unexpected = weighting.load_state_dict(ck["weighting"], strict=False)
-                if unexpected or any(not k.endswith("_extra_state") for k in missing):
-                    raise RankerError(f"{ck['path']}: its weighting state does not fit train.weighting "
-                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-                schedule.load_state_dict(ck.get("schedule") or {})
-                if scaler is not None:
-                    scaler.load_state_dict(ck["scaler"])
-                rng = ck["rng"][ranks.rank]
-                torch.set_rng_state(rng["torch"])
-                if rng.get("cuda") is not None and device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda"], device)
-                pg = _Progress(**ck["progress"])
-                self.log(f"resumed from {ck['path']}: epoch {pg.epoch + 1}, batch {pg.batches}, step {pg.step}")
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            # a method's extra state may postdate the checkpoint (CAGrad's warm start): it then
+            # starts afresh; any other difference is a real mismatch
+            missing, unexpected = weighting.load_state_dict(ck["weighting"], strict=False)
+            if unexpected or any(not k.endswith("_extra_state") for k in missing):
+                raise RankerError(f"{ck['path']}: its weighting state does not fit train.weighting "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            schedule.load_state_dict(ck.get("schedule") or {})
+            if scaler is not None:
+                scaler.load_state_dict(ck["scaler"])
+            rng = ck["rng"][ranks.rank]
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            pg = _Progress(**ck["progress"])
+            self.log(f"resumed from {ck['path']}: epoch {pg.epoch + 1}, batch {pg.batches}, step {pg.step}")
         cursor = SourceCursor(**pg.sources) if pg.sources is not None else SourceCursor.start(len(sources))
         tracker = Tracker(tc.log_dir if ranks.is_main else None)
         last_checkpoint = time.monotonic()
