@@ -6,7 +6,7 @@ rather than a silently ignored setting. Imports nothing else of ranker's but ``e
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -45,6 +45,13 @@ def _kinds(annotation: object) -> set[object]:
     if not args:
         return {annotation}
     return set().union(*(_kinds(a) for a in args if not isinstance(a, FieldInfo)))
+
+
+def _one_of(what: str, v: str, names: Sequence[str]) -> str:
+    """``v`` if it is one of ``names``; otherwise an error listing the valid ones."""
+    if v not in names:
+        raise ValueError(f"unknown {what} {v!r}; valid: {', '.join(names)}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -220,9 +227,7 @@ class ModelConfig(_Strict):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, v: str) -> str:
-        if v not in ARCHITECTURE_NAMES:
-            raise ValueError(f"unknown architecture {v!r}; valid: {', '.join(ARCHITECTURE_NAMES)}")
-        return v
+        return _one_of("architecture", v, ARCHITECTURE_NAMES)
 
     @field_validator("expert_dims")
     @classmethod
@@ -319,9 +324,7 @@ class TaskSampling(_Strict):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
-        if v not in SAMPLING_STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(SAMPLING_STRATEGIES)}")
-        return v
+        return _one_of("strategy", v, SAMPLING_STRATEGIES)
 
     @model_validator(mode="after")
     def _temperature_used(self) -> TaskSampling:
