@@ -492,3 +492,21 @@ def wait_for_data(base_url: str, expr: str, timeout: float = 30.0) -> list[dict[
         if time.monotonic() > deadline:
             raise AssertionError(f"no data for {expr!r} after {timeout}s")
         time.sleep(0.5)
+
+
+def panels_without_data(base_url: str, task_types: dict[str, str], timeout: float = 30.0) -> list[str]:
+    """The dashboard queries (for each task, those that apply to its type) still returning no
+    series after up to ``timeout`` seconds of polling; empty once every one has data. Rule
+    groups run at their own phase within the evaluation interval, so one group's series can lag
+    another's by an evaluation: a single look right after waiting for one series may miss one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        empty = [
+            f"{q.panel} / {q.ref}: {q.expr}"
+            for task, ttype in task_types.items()
+            for q in dashboard_queries(task=task)
+            if applies_to(q.expr, ttype) and not query(base_url, q.expr)
+        ]
+        if not empty or time.monotonic() > deadline:
+            return empty
+        time.sleep(1)
