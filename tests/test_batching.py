@@ -109,7 +109,8 @@ def test_each_request_thread_runs_its_copy_and_forward_on_its_own_stream(bodies:
 
         def record(self) -> None:
             super().record()
-            StreamEvent.seen.append((threading.get_ident(), getattr(current, "stream", None)))
+            # the thread's own label, not threading.get_ident(): an ended thread's ident is reused
+            StreamEvent.seen.append((getattr(current, "label", None), getattr(current, "stream", None)))
 
     staging = HostStaging(torch.device("cpu"), pin=False, new_stream=new_stream, use_stream=use_stream)
     timer = StageTimer(loaded.model, StreamEvent)
@@ -119,6 +120,7 @@ def test_each_request_thread_runs_its_copy_and_forward_on_its_own_stream(bodies:
     got: dict[int, list] = {}
 
     def one(i: int) -> None:
+        current.label = i
         got[i] = [score_batch(loaded.model, timer, staging, batch, list(TASKS))[0] for _ in range(2)]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
@@ -128,9 +130,9 @@ def test_each_request_thread_runs_its_copy_and_forward_on_its_own_stream(bodies:
         t.join(60)
     assert len(made) == 3  # one stream per thread, reused for its second request
     by_thread: dict[int, set] = {}
-    for ident, stream in StreamEvent.seen:
-        by_thread.setdefault(ident, set()).add(stream)
-    assert len(by_thread) == 3 and all(len(v) == 1 and None not in v for v in by_thread.values())
+    for label, stream in StreamEvent.seen:
+        by_thread.setdefault(label, set()).add(stream)
+    assert set(by_thread) == {0, 1, 2} and all(len(v) == 1 and None not in v for v in by_thread.values())
     assert len(set().union(*by_thread.values())) == 3  # no two threads share a stream
     assert len(StreamEvent.seen) == 3 * 2 * 2 * (1 + len(TASKS))  # start+end of trunk and each head
     for runs in got.values():
