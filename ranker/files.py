@@ -9,14 +9,15 @@ from pathlib import Path
 def write_problem(folder: str | Path) -> tuple[Path, str] | None:
     """Why this process could not create files in ``folder`` (which may not exist yet, the
     rest of its path being created on write), judged at the nearest folder on its path that
-    exists: ``(that path, "is a file")`` or ``(that folder, "no permission")``; None if it can."""
+    exists: ``(that path, "is a file")`` or ``(that folder, "is not writable")``, so that
+    ``f"{path} {why}"`` reads as a sentence; None if it can."""
     probe = Path(folder).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         return probe, "is a file"
     if not os.access(probe, os.W_OK | os.X_OK):
-        return probe, "no permission"
+        return probe, "is not writable"
     return None
 
 

@@ -542,6 +542,7 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"], device)
             pg = _Progress(**ck["progress"])
             self.log(f"resumed from {ck['path']}: epoch {pg.epoch + 1}, batch {pg.batches}, step {pg.step}")
+            ck = None  # its weights are copied into the model: not kept for the whole run
         cursor = SourceCursor(**pg.sources) if pg.sources is not None else SourceCursor.start(len(sources))
         tracker = Tracker(tc.log_dir if ranks.is_main else None)
         last_checkpoint = time.monotonic()
